@@ -1,0 +1,39 @@
+"""piip-llava: Parameter-Inverted Image Pyramid networks and PIIP-LLaVA for Hugging Face transformers.
+
+Importing the package registers its configs, models and processors with transformers' Auto
+classes, so `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor` and
+`pipeline("image-text-to-text")` load our saved directories without `trust_remote_code`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .models.piip import PIIPVisionConfig, PIIPVisionModel
+from .models.piip_llava import (
+    PIIPLlavaConfig,
+    PIIPLlavaForConditionalGeneration,
+    PIIPLlavaModel,
+)
+from .models.piip_llava.processing_piip_llava import PIIPLlavaProcessor
+
+AutoConfig.register(PIIPVisionConfig.model_type, PIIPVisionConfig)
+AutoModel.register(PIIPVisionConfig, PIIPVisionModel)
+AutoConfig.register(PIIPLlavaConfig.model_type, PIIPLlavaConfig)
+AutoModel.register(PIIPLlavaConfig, PIIPLlavaModel)
+AutoModelForImageTextToText.register(PIIPLlavaConfig, PIIPLlavaForConditionalGeneration)
+AutoProcessor.register(PIIPLlavaConfig, PIIPLlavaProcessor)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PIIPVisionConfig",
+    "PIIPVisionModel",
+    "PIIPLlavaConfig",
+    "PIIPLlavaModel",
+    "PIIPLlavaForConditionalGeneration",
+    "PIIPLlavaProcessor",
+]

@@ -1,0 +1,49 @@
+"""The `piip-llava` command: one entry point whose subcommands live beside the code they drive.
+
+Each subcommand module exposes `add_parser(subparsers)`, which registers its parser and sets
+`handler` (a function taking the parsed arguments and returning an exit code). Modules are listed
+here so `piip-llava --help` shows every command without importing torch-heavy code up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, attribute) pairs; each attribute is an `add_parser(subparsers)` function.
+SUBCOMMAND_MODULES = [
+    "piip_llava.commands.flops",
+    "piip_llava.commands.chat",
+    "piip_llava.evaluation.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="piip-llava",
+        description="Parameter-Inverted Image Pyramid networks and PIIP-LLaVA: chat, train, evaluate, convert.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

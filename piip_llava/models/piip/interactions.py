@@ -1,0 +1,217 @@
+"""Cross-branch interaction units of PIIP.
+
+Two branches of a pyramid see the same image at different resolutions and widths. After each
+group of their blocks, a bidirectional unit lets each branch read the other's tokens through an
+injector: a zero-gated cross attention (deformable or plain) followed by a zero-gated ConvFFN.
+With the gates at zero, an injector is the identity, so a pyramid assembled from pretrained
+backbones starts out computing exactly what the backbones compute alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+Grid = tuple[int, int]
+
+
+def cell_centre_reference_points(grid: Grid, device: torch.device) -> torch.Tensor:
+    """(H*W, 2) normalised (x, y) centres of the cells of an H x W grid, row-major."""
+    height, width = grid
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), dim=-1)
+
+
+class DeformableCrossAttention(nn.Module):
+    """Single-level multi-scale deformable attention (Deformable DETR), in plain PyTorch.
+
+    Each query looks at `num_points` bilinear samples per head of the value map, around the
+    centre of its own cell projected onto the value grid; learned offsets move the samples and a
+    softmax over the points weights them. Sampling runs in fp32 whatever the model dtype, as the
+    compiled kernels of the reference implementation do.
+    """
+
+    def __init__(self, query_dim: int, feat_dim: int, num_heads: int, num_points: int, value_ratio: float):
+        super().__init__()
+        value_dim = int(query_dim * value_ratio)
+        if value_dim % num_heads:
+            raise ValueError(
+                f"Deformable attention: value width {value_dim} (= {query_dim} x {value_ratio}) is not divisible by "
+                f"{num_heads} heads."
+            )
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.head_dim = value_dim // num_heads
+        self.sampling_offsets = nn.Linear(query_dim, num_heads * num_points * 2)
+        self.attention_weights = nn.Linear(query_dim, num_heads * num_points)
+        self.value_proj = nn.Linear(feat_dim, value_dim)
+        self.output_proj = nn.Linear(value_dim, query_dim)
+
+    def initial_offset_bias(self) -> torch.Tensor:
+        """Head h starts looking along direction 2*pi*h/heads, point p at distance p+1 (in cells)."""
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        directions = directions / directions.abs().max(dim=-1, keepdim=True).values
+        distances = torch.arange(1, self.num_points + 1, dtype=torch.float32)
+        return (directions[:, None, :] * distances[None, :, None]).reshape(-1)  # (heads * points * 2,)
+
+    def forward(self, query: torch.Tensor, query_grid: Grid, feat: torch.Tensor, feat_grid: Grid) -> torch.Tensor:
+        batch, num_queries, _ = query.shape
+        feat_height, feat_width = feat_grid
+        value = self.value_proj(feat)  # (batch, feat_tokens, heads * head_dim)
+        offsets = self.sampling_offsets(query).view(batch, num_queries, self.num_heads, self.num_points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, self.num_heads, self.num_points)
+        weights = weights.float().softmax(dim=-1)
+
+        reference = cell_centre_reference_points(query_grid, query.device)  # (queries, 2) as (x, y)
+        normaliser = torch.tensor([feat_width, feat_height], device=query.device, dtype=torch.float32)
+        locations = reference[None, :, None, None, :] + offsets.float() / normaliser  # (batch, queries, heads, points, 2)
+        sampling_grid = 2.0 * locations - 1.0  # grid_sample coordinates, align_corners=False
+
+        # (batch * heads, head_dim, H_feat, W_feat)
+        value_map = (
+            value.float()
+            .view(batch, feat_height * feat_width, self.num_heads, self.head_dim)
+            .permute(0, 2, 3, 1)
+            .reshape(batch * self.num_heads, self.head_dim, feat_height, feat_width)
+        )
+        # (batch * heads, queries, points, 2)
+        sampling_grid = sampling_grid.permute(0, 2, 1, 3, 4).reshape(batch * self.num_heads, num_queries, self.num_points, 2)
+        sampled = F.grid_sample(value_map, sampling_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # sampled: (batch * heads, head_dim, queries, points); weights -> (batch * heads, 1, queries, points)
+        weights = weights.permute(0, 2, 1, 3).reshape(batch * self.num_heads, 1, num_queries, self.num_points)
+        attended = (sampled * weights).sum(dim=-1)  # (batch * heads, head_dim, queries)
+        attended = attended.view(batch, self.num_heads * self.head_dim, num_queries).transpose(1, 2)
+        return self.output_proj(attended.to(query.dtype))
+
+
+class PlainCrossAttention(nn.Module):
+    """Standard multi-head cross attention from the query tokens to all feature tokens."""
+
+    def __init__(self, query_dim: int, feat_dim: int, num_heads: int):
+        super().__init__()
+        if query_dim % num_heads:
+            raise ValueError(f"Cross attention: width {query_dim} is not divisible by {num_heads} heads.")
+        self.num_heads = num_heads
+        self.wq = nn.Linear(query_dim, query_dim, bias=False)
+        self.wk = nn.Linear(feat_dim, query_dim, bias=False)
+        self.wv = nn.Linear(feat_dim, query_dim, bias=False)
+        self.proj = nn.Linear(query_dim, query_dim)
+
+    def forward(self, query: torch.Tensor, query_grid: Grid, feat: torch.Tensor, feat_grid: Grid) -> torch.Tensor:
+        batch, num_queries, width = query.shape
+        head_dim = width // self.num_heads
+        # (batch, heads, tokens, head_dim)
+        q = self.wq(query).view(batch, num_queries, self.num_heads, head_dim).transpose(1, 2)
+        k = self.wk(feat).view(batch, -1, self.num_heads, head_dim).transpose(1, 2)
+        v = self.wv(feat).view(batch, -1, self.num_heads, head_dim).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(attended.transpose(1, 2).reshape(batch, num_queries, width))
+
+
+class DepthwiseConvOverGrid(nn.Module):
+    """3x3 depthwise convolution over tokens laid out on their H x W grid."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim, bias=True)
+
+    def forward(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+        batch, num_tokens, dim = tokens.shape
+        feature_map = tokens.transpose(1, 2).reshape(batch, dim, *grid)
+        return self.dwconv(feature_map).flatten(2).transpose(1, 2)
+
+
+class ConvFFN(nn.Module):
+    """Linear -> depthwise 3x3 conv on the token grid -> GELU -> Linear: an MLP that also mixes neighbours."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = DepthwiseConvOverGrid(hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+        hidden = self.act(self.dwconv(self.fc1(tokens), grid))
+        return self.drop(self.fc2(self.drop(hidden)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability `drop_prob`."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden
+        keep_prob = 1.0 - self.drop_prob
+        mask = hidden.new_empty((hidden.shape[0],) + (1,) * (hidden.ndim - 1)).bernoulli_(keep_prob)
+        return hidden * mask / keep_prob
+
+
+class Injector(nn.Module):
+    """Updates one branch's tokens with what it reads from another branch, through zero-initialised gates."""
+
+    def __init__(self, config, query_dim: int, feat_dim: int, drop_path: float):
+        super().__init__()
+        eps = config.interaction_norm_eps
+        self.query_norm = nn.LayerNorm(query_dim, eps=eps)
+        self.feat_norm = nn.LayerNorm(feat_dim, eps=eps)
+        if config.interaction_attention == "deform":
+            self.attn = DeformableCrossAttention(
+                query_dim, feat_dim, config.deform_num_heads, config.deform_num_points, config.deform_ratio
+            )
+        else:
+            self.attn = PlainCrossAttention(query_dim, feat_dim, config.deform_num_heads)
+        self.attn_gate = nn.Parameter(torch.zeros(query_dim))
+        self.with_cffn = config.with_cffn
+        if self.with_cffn:
+            self.ffn_norm = nn.LayerNorm(query_dim, eps=eps)
+            self.ffn = ConvFFN(query_dim, int(query_dim * config.cffn_ratio), config.interaction_dropout)
+            self.ffn_gate = nn.Parameter(torch.zeros(query_dim))
+            self.drop_path = DropPath(drop_path)
+
+    def forward(self, query: torch.Tensor, query_grid: Grid, feat: torch.Tensor, feat_grid: Grid) -> torch.Tensor:
+        attended = self.attn(self.query_norm(query), query_grid, self.feat_norm(feat), feat_grid)
+        query = query + self.attn_gate * attended
+        if self.with_cffn:
+            query = query + self.ffn_gate * self.drop_path(self.ffn(self.ffn_norm(query), query_grid))
+        return query
+
+
+class BidirectionalInteractionUnit(GradientCheckpointingLayer):
+    """Exchange between branch `a` (larger model, lower resolution) and branch `b` (the next one).
+
+    Both directions read the tokens as they were before this unit, so the order of the two
+    injections does not matter.
+    """
+
+    def __init__(self, config, dim_a: int, dim_b: int, drop_path: float):
+        super().__init__()
+        self.use_projection = config.interaction_proj
+        if self.use_projection:
+            self.proj_a_to_b = nn.Linear(dim_a, dim_b)
+            self.proj_b_to_a = nn.Linear(dim_b, dim_a)
+        feat_dim_for_a = dim_a if self.use_projection else dim_b
+        feat_dim_for_b = dim_b if self.use_projection else dim_a
+        self.injector_into_a = Injector(config, dim_a, feat_dim_for_a, drop_path)
+        self.injector_into_b = Injector(config, dim_b, feat_dim_for_b, drop_path)
+
+    def forward(
+        self, tokens_a: torch.Tensor, grid_a: Grid, tokens_b: torch.Tensor, grid_b: Grid
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        feat_for_a = self.proj_b_to_a(tokens_b) if self.use_projection else tokens_b
+        feat_for_b = self.proj_a_to_b(tokens_a) if self.use_projection else tokens_a
+        new_a = self.injector_into_a(tokens_a, grid_a, feat_for_a, grid_b)
+        new_b = self.injector_into_b(tokens_b, grid_b, feat_for_b, grid_a)
+        return new_a, new_b

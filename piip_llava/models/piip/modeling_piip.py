@@ -1,0 +1,169 @@
+"""PyTorch PIIP vision encoder: several backbones, one image at several resolutions, joined by interactions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+from transformers.models.convnext.modeling_convnext import ConvNextLayer
+from transformers.utils import ModelOutput, logging
+
+from .branches import BranchState, ConvNextBranch, ViTBranch, build_branch
+from .configuration_piip import PIIPVisionConfig
+from .interactions import BidirectionalInteractionUnit, DeformableCrossAttention, Injector
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class PIIPVisionModelOutput(ModelOutput):
+    """
+    Args:
+        feature_maps (`tuple[torch.FloatTensor]`): each branch's final tokens as a (batch, C_i, H_i, W_i)
+            map, in branch order (largest model / lowest resolution first).
+        class_tokens (`tuple[torch.FloatTensor | None]`): each branch's final class token (batch, C_i),
+            or None for branches without one.
+    """
+
+    feature_maps: tuple[torch.FloatTensor, ...] | None = None
+    class_tokens: tuple[torch.FloatTensor | None, ...] | None = None
+
+
+class PIIPInteraction(nn.Module):
+    """The bidirectional units that run after one group of blocks, one per adjacent branch pair."""
+
+    def __init__(self, config: PIIPVisionConfig, interaction_index: int, drop_path: float):
+        super().__init__()
+        specs = config.branch_specs
+        units = []
+        for pair in range(len(specs) - 1):
+            last_a = specs[pair].interaction_groups[interaction_index][1]
+            last_b = specs[pair + 1].interaction_groups[interaction_index][1]
+            dim_a = specs[pair].geometry_after_block(last_a)[0]
+            dim_b = specs[pair + 1].geometry_after_block(last_b)[0]
+            units.append(BidirectionalInteractionUnit(config, dim_a, dim_b, drop_path))
+        self.units = nn.ModuleList(units)
+
+    def forward(self, states: list[BranchState]) -> list[BranchState]:
+        states = list(states)
+        # Highest-resolution pair first, as in the reference implementation: (N-1, N), ..., (1, 2).
+        for pair in reversed(range(len(self.units))):
+            state_a, state_b = states[pair], states[pair + 1]
+            tokens_a, tokens_b = self.units[pair](state_a.tokens, state_a.grid, state_b.tokens, state_b.grid)
+            states[pair] = BranchState(tokens_a, state_a.grid, state_a.class_token)
+            states[pair + 1] = BranchState(tokens_b, state_b.grid, state_b.class_token)
+        return states
+
+
+class PIIPPreTrainedModel(PreTrainedModel):
+    config: PIIPVisionConfig
+    config_class = PIIPVisionConfig
+    base_model_prefix = "piip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CLIPEncoderLayer", "SiglipEncoderLayer", "ConvNextLayer", "BidirectionalInteractionUnit"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Interaction layers as the reference implementation initialises them; backbone layers the usual way.
+
+        transformers applies this to children before parents, so the deformable attention's own
+        initialisation below overrides the generic Linear one of its children.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, DeformableCrossAttention):
+            init.zeros_(module.sampling_offsets.weight)
+            init.copy_(module.sampling_offsets.bias, module.initial_offset_bias())
+            init.zeros_(module.attention_weights.weight)
+            init.zeros_(module.attention_weights.bias)
+            init.xavier_uniform_(module.value_proj.weight)
+            init.zeros_(module.value_proj.bias)
+            init.xavier_uniform_(module.output_proj.weight)
+            init.zeros_(module.output_proj.bias)
+        elif isinstance(module, Injector):
+            init.zeros_(module.attn_gate)
+            if module.with_cffn:
+                init.zeros_(module.ffn_gate)
+        elif isinstance(module, CLIPVisionEmbeddings):
+            init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
+        elif isinstance(module, ConvNextBranch):
+            scale = module.backbone_config.layer_scale_init_value
+            for block in module.blocks:
+                if isinstance(block, ConvNextLayer) and block.layer_scale_parameter is not None:
+                    init.constant_(block.layer_scale_parameter, scale)
+        elif isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv2d, nn.Embedding)):
+            init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class PIIPVisionModel(PIIPPreTrainedModel):
+    """The PIIP encoder: returns every branch's final feature map (see `PIIPVisionModelOutput`)."""
+
+    def __init__(self, config: PIIPVisionConfig):
+        super().__init__(config)
+        attn_implementation = config._attn_implementation
+        self.branches = nn.ModuleList([build_branch(spec, attn_implementation) for spec in config.branch_specs])
+        drop_path_rates = torch.linspace(0, config.interaction_drop_path_rate, config.num_interactions).tolist()
+        self.interactions = nn.ModuleList(
+            [PIIPInteraction(config, index, drop_path_rates[index]) for index in range(config.num_interactions)]
+        )
+        self.post_init()
+
+    def resize_for_branches(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The input at each branch's resolution (bilinear, align_corners=False, no antialiasing)."""
+        resized = []
+        for branch in self.branches:
+            size = branch.image_size
+            if pixel_values.shape[-1] == size and pixel_values.shape[-2] == size:
+                resized.append(pixel_values)
+            else:
+                resized.append(F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False))
+        return resized
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must be a (batch, 3, height, width) tensor, got shape {tuple(pixel_values.shape)}."
+            )
+        if pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must have 3 (RGB) channels, got {pixel_values.shape[1]}.")
+        expected = self.config.image_size
+        if tuple(pixel_values.shape[-2:]) != (expected, expected):
+            raise ValueError(
+                f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} but this PIIP encoder takes "
+                f"{expected}x{expected} images (its highest branch resolution); use PIIPImageProcessor."
+            )
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> PIIPVisionModelOutput:
+        self.check_pixel_values(pixel_values)
+        states = [branch.embed(image) for branch, image in zip(self.branches, self.resize_for_branches(pixel_values))]
+        for interaction_index, interaction in enumerate(self.interactions):
+            states = [
+                branch.run_blocks(state, *spec.interaction_groups[interaction_index])
+                for branch, state, spec in zip(self.branches, states, self.config.branch_specs)
+            ]
+            states = interaction(states)
+        output = PIIPVisionModelOutput(
+            feature_maps=tuple(state.feature_map() for state in states),
+            class_tokens=tuple(None if state.class_token is None else state.class_token[:, 0] for state in states),
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = ["PIIPVisionModel", "PIIPPreTrainedModel", "PIIPVisionModelOutput", "ConvNextBranch", "ViTBranch"]

@@ -1,0 +1,59 @@
+"""Configuration of PIIP-LLaVA: a PIIP vision encoder, a multi-branch projector and a causal LM."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from ..piip.configuration_piip import PIIPVisionConfig
+from .projector import PROJECTOR_NORMS
+
+
+class PIIPLlavaConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`PIIPLlavaForConditionalGeneration`].
+
+    Args:
+        vision_config (`PIIPVisionConfig` or `dict`): the PIIP encoder.
+        text_config (`PreTrainedConfig` or `dict`): any causal LM config (LLaMA/Vicuna by default).
+        image_token_index (`int`): id of the `<image>` token whose positions receive image features.
+        projector_norm (`str`): `"group_norm"` (released checkpoints) or `"layer_norm"`.
+        projector_num_groups (`int`): GroupNorm groups of the projector.
+        projector_output_grid_size (`int`, *optional*): resize every branch map to this grid before
+            projecting; by default the last branch's final grid is used.
+        tie_word_embeddings (`bool`): tie the LM head to the input embeddings.
+    """
+
+    model_type = "piip_llava"
+    attribute_map = {"image_token_id": "image_token_index"}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=PIIPVisionConfig),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_index: int = 32000
+    projector_norm: str = "group_norm"
+    projector_num_groups: int = 32
+    projector_output_grid_size: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.projector_norm not in PROJECTOR_NORMS:
+            raise ValueError(f"projector_norm must be one of {PROJECTOR_NORMS}, got {self.projector_norm!r}.")
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    @property
+    def image_grid_size(self) -> int:
+        return self.projector_output_grid_size or self.vision_config.output_grid_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens one image occupies in the LLM sequence."""
+        return self.image_grid_size**2
+
+
+__all__ = ["PIIPLlavaConfig"]

@@ -1,0 +1,75 @@
+"""The multi-branch projector that turns PIIP feature maps into LLM image tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROJECTOR_NORMS = ("group_norm", "layer_norm")
+
+
+class BranchProjector(nn.Module):
+    """Linear -> norm over channels -> GELU -> Linear for one branch's tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm: str, num_groups: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.norm_type = norm
+        if norm == "group_norm":
+            if out_dim % num_groups:
+                raise ValueError(f"Projector width {out_dim} is not divisible into {num_groups} GroupNorm groups.")
+            self.norm = nn.GroupNorm(num_groups, out_dim)
+        else:
+            self.norm = nn.LayerNorm(out_dim)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear_1(tokens)  # (batch, tokens, out_dim)
+        if self.norm_type == "group_norm":
+            # GroupNorm normalises over channel groups and all positions: (batch, out_dim, tokens)
+            hidden = self.norm(hidden.transpose(1, 2)).transpose(1, 2)
+        else:
+            hidden = self.norm(hidden)
+        return self.linear_2(self.act(hidden))
+
+
+class PIIPMultiBranchProjector(nn.Module):
+    """Brings every branch map to one grid, projects each with its own MLP and sums them.
+
+    The grid is the last (highest-resolution) branch's final grid unless a fixed output grid is
+    configured; the resizing is bilinear in fp32, as in the released models.
+    """
+
+    def __init__(
+        self,
+        branch_widths: list[int],
+        out_dim: int,
+        norm: str = "group_norm",
+        num_groups: int = 32,
+        output_grid_size: int | None = None,
+    ):
+        super().__init__()
+        if norm not in PROJECTOR_NORMS:
+            raise ValueError(f"projector_norm must be one of {PROJECTOR_NORMS}, got {norm!r}.")
+        self.output_grid_size = output_grid_size
+        self.branches = nn.ModuleList(
+            [BranchProjector(width, out_dim, norm, num_groups) for width in branch_widths]
+        )
+
+    def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(batch, C_i, H_i, W_i) maps -> (batch, H*W, out_dim) image tokens, row-major."""
+        if len(feature_maps) != len(self.branches):
+            raise ValueError(f"Projector built for {len(self.branches)} branches got {len(feature_maps)} feature maps.")
+        side = self.output_grid_size
+        grid = (side, side) if side is not None else tuple(feature_maps[-1].shape[-2:])
+        projected = None
+        for feature_map, projector in zip(feature_maps, self.branches):
+            if tuple(feature_map.shape[-2:]) != grid:
+                dtype = feature_map.dtype
+                feature_map = F.interpolate(feature_map.float(), size=grid, mode="bilinear", align_corners=False)
+                feature_map = feature_map.to(dtype)
+            tokens = projector(feature_map.flatten(2).transpose(1, 2))
+            projected = tokens if projected is None else projected + tokens
+        return projected

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="piip-llava",
+    version="0.1.0",
+    description="Parameter-Inverted Image Pyramid networks and PIIP-LLaVA, native to Hugging Face transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["piip_llava", "piip_llava.*"]),
+    include_package_data=True,
+    package_data={"piip_llava": ["assets/**/*", "configs/*.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is pinned by the install step (see README): a bare requirement would pull a CUDA build.
+        "torch>=2.4",
+        "transformers>=5.20,<6",
+        "accelerate>=1.0",
+        "peft>=0.17",
+        "datasets>=3.0",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "pillow>=10",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "openpyxl>=3.1",
+        "pandas>=2.0",
+    ],
+    extras_require={
+        "train": ["deepspeed>=0.16"],
+        "dev": ["deepspeed>=0.16", "pytest>=8", "ruff>=0.6"],
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["piip-llava=piip_llava.cli:main"]},
+)
