@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput, logging
 from .branches import BranchState, ConvNextBranch, ViTBranch, build_branch
 from .configuration_piip import PIIPVisionConfig
 from .interactions import BidirectionalInteractionUnit, DeformableCrossAttention, Injector
+from .pretrained_branches import build_from_pretrained_branches
 
 logger = logging.get_logger(__name__)
 
@@ -75,30 +76,22 @@ class PIIPPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Interaction layers as the reference implementation initialises them; backbone layers the usual way.
 
-        transformers applies this to children before parents, so the deformable attention's own
-        initialisation below overrides the generic Linear one of its children.
+        transformers applies this to children before parents and skips modules without parameters
+        of their own, so the deformable attention is initialised from its parent injector, after
+        (and over) the generic Linear initialisation of its layers.
         """
         std = self.config.initializer_range
-        if isinstance(module, DeformableCrossAttention):
-            init.zeros_(module.sampling_offsets.weight)
-            init.copy_(module.sampling_offsets.bias, module.initial_offset_bias())
-            init.zeros_(module.attention_weights.weight)
-            init.zeros_(module.attention_weights.bias)
-            init.xavier_uniform_(module.value_proj.weight)
-            init.zeros_(module.value_proj.bias)
-            init.xavier_uniform_(module.output_proj.weight)
-            init.zeros_(module.output_proj.bias)
-        elif isinstance(module, Injector):
+        if isinstance(module, Injector):
             init.zeros_(module.attn_gate)
             if module.with_cffn:
                 init.zeros_(module.ffn_gate)
+            if isinstance(module.attn, DeformableCrossAttention):
+                init_deformable_attention(module.attn)
         elif isinstance(module, CLIPVisionEmbeddings):
             init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
-        elif isinstance(module, ConvNextBranch):
-            scale = module.backbone_config.layer_scale_init_value
-            for block in module.blocks:
-                if isinstance(block, ConvNextLayer) and block.layer_scale_parameter is not None:
-                    init.constant_(block.layer_scale_parameter, scale)
+        elif isinstance(module, ConvNextLayer):
+            if module.layer_scale_parameter is not None:
+                init.constant_(module.layer_scale_parameter, self.convnext_layer_scale_init())
         elif isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
@@ -110,6 +103,24 @@ class PIIPPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+
+    def convnext_layer_scale_init(self) -> float:
+        values = [
+            spec.backbone_config.get("layer_scale_init_value", 1e-6) for spec in self.config.branch_specs if spec.is_convnext
+        ]
+        return values[0] if values else 1e-6
+
+
+def init_deformable_attention(module: DeformableCrossAttention) -> None:
+    """Zero offsets and attention logits, head-direction offset biases, xavier value/output projections."""
+    init.zeros_(module.sampling_offsets.weight)
+    init.copy_(module.sampling_offsets.bias, module.initial_offset_bias())
+    init.zeros_(module.attention_weights.weight)
+    init.zeros_(module.attention_weights.bias)
+    init.xavier_uniform_(module.value_proj.weight)
+    init.zeros_(module.value_proj.bias)
+    init.xavier_uniform_(module.output_proj.weight)
+    init.zeros_(module.output_proj.bias)
 
 
 class PIIPVisionModel(PIIPPreTrainedModel):
@@ -124,6 +135,22 @@ class PIIPVisionModel(PIIPPreTrainedModel):
             [PIIPInteraction(config, index, drop_path_rates[index]) for index in range(config.num_interactions)]
         )
         self.post_init()
+
+    @classmethod
+    def from_pretrained_branches(
+        cls,
+        branch_dirs: list,
+        image_sizes: list[int],
+        interaction_groups: list[list[list[int]]],
+        patch_sizes: list[int | None] | None = None,
+        **config_kwargs,
+    ) -> PIIPVisionModel:
+        """Build the encoder from saved backbones (e.g. a `CLIPVisionModel` and a `ConvNextModel` directory).
+
+        The interactions are freshly initialised with zero gates, so the result computes exactly
+        what the backbones compute alone until it is trained. See `pretrained_branches.py`.
+        """
+        return build_from_pretrained_branches(branch_dirs, image_sizes, interaction_groups, patch_sizes, **config_kwargs)
 
     def resize_for_branches(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The input at each branch's resolution (bilinear, align_corners=False, no antialiasing)."""
