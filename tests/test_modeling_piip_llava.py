@@ -1,0 +1,179 @@
+"""PIIP-LLaVA model: generation with the cache, batching, feature placement, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import clip_convnext_branches, perturb_interactions, tiny_vision_config, two_clip_branches
+
+from piip_llava import PIIPLlavaConfig, PIIPLlavaForConditionalGeneration
+
+VOCAB = 300
+IMAGE_TOKEN = 299
+
+
+def tiny_llava(branches=two_clip_branches, text_model_type="llama", seed=0) -> PIIPLlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    text_config = {
+        "model_type": text_model_type,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    config = PIIPLlavaConfig(
+        vision_config=tiny_vision_config(branches()).to_dict(),
+        text_config=text_config,
+        image_token_index=IMAGE_TOKEN,
+        projector_num_groups=8,
+    )
+    model = PIIPLlavaForConditionalGeneration(config)
+    perturb_interactions(model.model.vision_tower)
+    return model.eval()
+
+
+def prompt_ids(model, prefix: list[int], suffix: list[int], images: int = 1) -> list[int]:
+    image_run = [IMAGE_TOKEN] * model.config.num_image_tokens
+    return [1] + prefix + image_run * images + suffix
+
+
+def test_cached_greedy_generation_equals_full_recomputation_and_encodes_images_once():
+    model = tiny_llava()
+    ids = torch.tensor([prompt_ids(model, [5, 6], [7, 8, 9])])
+    pixel_values = torch.randn(1, 3, 128, 128)
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+            max_new_tokens=8, do_sample=False, eos_token_id=None,
+        )
+    hook.remove()
+    assert len(calls) == 1, "the vision encoder must run once per generate() call"
+
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(input_ids=sequence, pixel_values=pixel_values, use_cache=False).logits
+            sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert generated.tolist() == sequence.tolist()
+
+
+def test_batched_left_padded_generation_equals_one_by_one_with_several_images():
+    model = tiny_llava(clip_convnext_branches)
+    prompts = [
+        prompt_ids(model, [5], [7, 8, 9, 10, 11]),
+        prompt_ids(model, [12, 13, 14], [15], images=2),  # two images in one sample
+        prompt_ids(model, [], [20, 21]),
+    ]
+    images_per_prompt = [1, 2, 1]
+    torch.manual_seed(1)
+    pixel_values = torch.randn(4, 3, 128, 128)
+
+    singles, image_index = [], 0
+    for ids, count in zip(prompts, images_per_prompt):
+        ids_tensor = torch.tensor([ids])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids_tensor, attention_mask=torch.ones_like(ids_tensor),
+                pixel_values=pixel_values[image_index : image_index + count],
+                max_new_tokens=6, do_sample=False, eos_token_id=None,
+            )
+        singles.append(out[0, len(ids):].tolist())
+        image_index += count
+
+    width = max(len(ids) for ids in prompts)
+    batch = torch.tensor([[0] * (width - len(ids)) + ids for ids in prompts])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+    with torch.no_grad():
+        batched = model.generate(
+            input_ids=batch, attention_mask=mask, pixel_values=pixel_values,
+            max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+        )
+    assert batched[:, width:].tolist() == singles
+
+
+def test_image_features_land_exactly_at_the_image_token_positions():
+    model = tiny_llava()
+    ids = torch.tensor([prompt_ids(model, [5, 6], [7]), prompt_ids(model, [8], [9, 10])[:-1] + [11]])
+    pixel_values = torch.randn(2, 3, 128, 128)
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["inputs_embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    hook = model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pixel_values)
+        features = model.model.get_image_features(pixel_values).last_hidden_state
+        expected = model.get_input_embeddings()(ids).clone()
+    hook.remove()
+    for row in range(2):
+        positions = (ids[row] == IMAGE_TOKEN).nonzero().flatten()
+        expected[row, positions] = features[row]
+    torch.testing.assert_close(captured["inputs_embeds"], expected, atol=0, rtol=0)
+
+
+def test_any_causal_lm_works_as_the_text_model():
+    model = tiny_llava(text_model_type="qwen2")
+    ids = torch.tensor([prompt_ids(model, [5], [6])])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, pixel_values=torch.randn(1, 3, 128, 128), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 3)
+
+
+def test_image_tokens_without_pixel_values_are_rejected():
+    model = tiny_llava()
+    ids = torch.tensor([prompt_ids(model, [5], [6])])
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        model(input_ids=ids)
+
+
+def test_pixel_values_without_image_tokens_are_rejected():
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model(input_ids=torch.tensor([[1, 5, 6, 7]]), pixel_values=torch.randn(1, 3, 128, 128))
+
+
+def test_image_token_count_mismatch_is_rejected():
+    model = tiny_llava()
+    ids = torch.tensor([prompt_ids(model, [5], [6])[:-3]])  # three image tokens short
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 128, 128))
+
+
+def test_prompt_longer_than_the_context_is_rejected():
+    model = tiny_llava()
+    ids = torch.tensor([prompt_ids(model, [5] * 200, [6])])
+    with pytest.raises(ValueError, match="language model's context is 256"):
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 128, 128))
+
+
+def test_text_only_batch_runs_without_images():
+    model = tiny_llava()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
+    assert logits.shape == (1, 4, VOCAB)
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    model = tiny_llava(clip_convnext_branches)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    from transformers import AutoModelForImageTextToText
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, PIIPLlavaForConditionalGeneration)
+    ids = torch.tensor([prompt_ids(model, [5], [6])])
+    pixel_values = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids, pixel_values=pixel_values).logits,
+            model(input_ids=ids, pixel_values=pixel_values).logits, atol=0, rtol=0,
+        )
