@@ -7,12 +7,14 @@ classes, so `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor` and
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageTextToText,
     AutoProcessor,
 )
 
 from .models.piip import PIIPVisionConfig, PIIPVisionModel
+from .models.piip.image_processing_piip import PIIPImageProcessor
 from .models.piip_llava import (
     PIIPLlavaConfig,
     PIIPLlavaForConditionalGeneration,
@@ -22,14 +24,17 @@ from .models.piip_llava.processing_piip_llava import PIIPLlavaProcessor
 
 AutoConfig.register(PIIPVisionConfig.model_type, PIIPVisionConfig)
 AutoModel.register(PIIPVisionConfig, PIIPVisionModel)
+AutoImageProcessor.register(PIIPVisionConfig, image_processor_classes={"pil": PIIPImageProcessor})
 AutoConfig.register(PIIPLlavaConfig.model_type, PIIPLlavaConfig)
 AutoModel.register(PIIPLlavaConfig, PIIPLlavaModel)
 AutoModelForImageTextToText.register(PIIPLlavaConfig, PIIPLlavaForConditionalGeneration)
+AutoImageProcessor.register(PIIPLlavaConfig, image_processor_classes={"pil": PIIPImageProcessor})
 AutoProcessor.register(PIIPLlavaConfig, PIIPLlavaProcessor)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PIIPImageProcessor",
     "PIIPVisionConfig",
     "PIIPVisionModel",
     "PIIPLlavaConfig",

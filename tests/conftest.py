@@ -112,3 +112,43 @@ def rgb_image():
             if (x // 10 + y // 10) % 2:
                 image.putpixel((x, y), (rng.randrange(256), 40, 200))
     return image
+
+
+def build_tiny_llava(tokenizer, branches=two_clip_branches, seed: int = 0, conversation_format="vicuna_v1"):
+    """A tiny PIIP-LLaVA whose vocabulary is the trained tokenizer's, and its processor."""
+    from piip_llava import PIIPLlavaConfig, PIIPLlavaForConditionalGeneration, PIIPLlavaProcessor
+
+    torch.manual_seed(seed)
+    text_config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = PIIPLlavaConfig(
+        vision_config=tiny_vision_config(branches()).to_dict(),
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_num_groups=8,
+    )
+    model = PIIPLlavaForConditionalGeneration(config).eval()
+    perturb_interactions(model.model.vision_tower, seed)
+    processor = PIIPLlavaProcessor.from_model_config(config, tokenizer, conversation_format=conversation_format)
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory):
+    """A saved tiny PIIP-LLaVA with its processor (vicuna_v1 template, pad-to-square)."""
+    path = tmp_path_factory.mktemp("tiny_piip_llava")
+    model, processor = build_tiny_llava(tokenizer)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -26,8 +26,6 @@ class PIIPLlavaProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
 
     def __init__(
         self,
@@ -45,6 +43,8 @@ class PIIPLlavaProcessor(ProcessorMixin):
         self.conversation_format = conversation_format
         if chat_template is None and conversation_format is not None:
             chat_template = jinja_chat_template(get_conversation_format(conversation_format))
+        elif chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None)  # e.g. a Qwen2 or LLaMA-3 LLM's own
         self.image_token = image_token
         image_token_ids = tokenizer.encode(image_token, add_special_tokens=False)
         if len(image_token_ids) != 1:
@@ -54,6 +54,31 @@ class PIIPLlavaProcessor(ProcessorMixin):
             )
         self.image_token_id = image_token_ids[0]
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_model_config(
+        cls,
+        config,
+        tokenizer,
+        conversation_format: str | None = "vicuna_v1",
+        pad_to_square: bool = True,
+    ) -> PIIPLlavaProcessor:
+        """The processor matching a `PIIPLlavaConfig`: image size and image-token count come from it.
+
+        Adds the image placeholder to the tokenizer as a special token when it is missing; the
+        caller must then make sure the model's `image_token_index` is the id it received.
+        """
+        from ..piip.image_processing_piip import PIIPImageProcessor
+
+        if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+        image_processor = PIIPImageProcessor.from_vision_config(config.vision_config, pad_to_square=pad_to_square)
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            conversation_format=conversation_format,
+        )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
