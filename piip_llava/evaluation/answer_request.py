@@ -1,0 +1,23 @@
+"""The unit of work of answer generation, kept free of torch so loading questions stays light."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image
+
+
+@dataclass
+class AnswerRequest:
+    """One question to put to the model.
+
+    `key` identifies the answer for resuming (e.g. (question_id, round_id)); `record` holds the
+    fields LLaVA's answer files carry besides the generated text; `load_image` is called only when
+    the request's batch comes up, so a broken image costs one skipped question, not the run.
+    """
+
+    key: tuple
+    question: str
+    load_image: Callable[[], Image.Image]
+    record: dict

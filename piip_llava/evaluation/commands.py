@@ -1,0 +1,242 @@
+"""`piip-llava eval {textvqa,mmbench}` (generate, then score) and `piip-llava score {textvqa,mmbench}`.
+
+Examples:
+    piip-llava eval textvqa --model-path ckpt --question-file llava_textvqa_val_v051_ocr.jsonl \\
+        --image-folder train_images --annotation-file TextVQA_0.5.1_val.json --answers-file out/textvqa.jsonl
+    torchrun --nproc_per_node 8 -m piip_llava eval mmbench --model-path ckpt \\
+        --question-file mmbench_dev_20230712.tsv --answers-file out/mmbench.jsonl
+    piip-llava score textvqa --annotation-file TextVQA_0.5.1_val.json --result-file out/textvqa.jsonl
+
+Exit status: 0 on success, 1 when some answers match no question (they are listed, and left out of
+the accuracy), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", required=True, help="Folder with the model and its processor.")
+    parser.add_argument("--answers-file", required=True, help="JSONL answers (resumed if it exists).")
+    parser.add_argument("--model-id", default=None, help="model_id written in answers (default: folder name).")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default=None, help="Default: cuda:LOCAL_RANK if a GPU is visible, else cpu.")
+    parser.add_argument("--num-shards", "--num-chunks", type=int, default=None,
+                        help="Split the questions over this many processes (default: WORLD_SIZE or 1).")
+    parser.add_argument("--shard-index", "--chunk-idx", type=int, default=None, help="Default: RANK or 0.")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="Skip generation: merge the shard files into --answers-file, then score.")
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N questions (smoke runs).")
+    parser.add_argument("--metrics-file", default=None, help="Write the scores as JSON here.")
+
+
+def add_textvqa_sources(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--question-file", default=None, help="LLaVA's llava_textvqa_val_v051_ocr.jsonl.")
+    parser.add_argument("--image-folder", default=None, help="TextVQA train_images folder.")
+    parser.add_argument("--dataset", default=None, help="Local datasets folder or parquet file instead of JSONL.")
+    parser.add_argument("--split", default="train", help="Split of a save_to_disk DatasetDict.")
+    parser.add_argument("--id-column", default="question_id",
+                        help="Dataset column written as question_id (LLaVA's scorer expects the image id).")
+    parser.add_argument("--annotation-file", default=None, help="TextVQA_0.5.1_val.json; without it, no score.")
+
+
+def add_mmbench_sources(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--question-file", required=True, help="The MMBench TSV (e.g. mmbench_dev_20230712.tsv).")
+    parser.add_argument("--rounds", default="auto", choices=["auto", "rotate", "rows"],
+                        help="rotate: ask every rotation of each row; rows: the TSV already holds the rotated "
+                        "copies (index + k*1e6); auto: rows if such indices exist, else rotate.")
+    parser.add_argument("--lang", default="en", choices=["en", "cn"])
+    parser.add_argument("--submission-file", default=None,
+                        help="xlsx for the MMBench server (default for a split without answers: answers file "
+                        "with .xlsx suffix).")
+
+
+def reporting_usage_errors(handler):
+    """Turn a ValueError (bad input the user can fix) into a one-line message and exit status 2."""
+
+    def run(args) -> int:
+        try:
+            return handler(args)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    run.__name__ = handler.__name__
+    return run
+
+
+def add_parser(subparsers) -> None:
+    """Register `eval` and `score`, each with `textvqa` and `mmbench` sub-commands."""
+    eval_parser = subparsers.add_parser("eval", help="Answer a benchmark with a checkpoint, then score it.")
+    eval_commands = eval_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    textvqa = eval_commands.add_parser("textvqa", help="TextVQA val with LLaVA's prompts and the VQA accuracy.")
+    add_generation_arguments(textvqa)
+    add_textvqa_sources(textvqa)
+    textvqa.set_defaults(handler=reporting_usage_errors(run_eval_textvqa))
+    mmbench = eval_commands.add_parser("mmbench", help="MMBench with all circular rounds.")
+    add_generation_arguments(mmbench)
+    add_mmbench_sources(mmbench)
+    mmbench.set_defaults(handler=reporting_usage_errors(run_eval_mmbench))
+
+    score_parser = subparsers.add_parser("score", help="Score an existing answers file.")
+    score_commands = score_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    textvqa = score_commands.add_parser("textvqa", help="LLaVA's eval_textvqa.py protocol.")
+    textvqa.add_argument("--annotation-file", required=True)
+    textvqa.add_argument("--result-file", required=True)
+    textvqa.add_argument("--metrics-file", default=None)
+    textvqa.set_defaults(handler=reporting_usage_errors(run_score_textvqa))
+    mmbench = score_commands.add_parser("mmbench", help="Circular and vanilla accuracy, or a submission file.")
+    add_mmbench_sources(mmbench)
+    mmbench.add_argument("--result-file", required=True)
+    mmbench.add_argument("--metrics-file", default=None)
+    mmbench.set_defaults(handler=reporting_usage_errors(run_score_mmbench))
+
+
+def generate_and_merge(args, requests, key_fields, description: str) -> tuple[bool, list]:
+    """Answer this process's shard; returns whether the complete answers file is ready, and skipped inputs."""
+    from .generation import generate_answers, load_model_and_processor
+    from .sharding import (
+        all_shards_done,
+        clear_shard_done,
+        mark_shard_done,
+        merge_shards,
+        read_done_markers,
+        resolve_shard,
+        shard_answers_path,
+        shard_items,
+    )
+
+    shard = resolve_shard(args.num_shards, args.shard_index)
+    skipped = []
+    if not args.merge_only:
+        shard_path = shard_answers_path(args.answers_file, shard)
+        clear_shard_done(shard_path)
+        model, processor = load_model_and_processor(args.model_path, device=args.device, dtype=args.dtype)
+        summary = generate_answers(
+            model, processor, shard_items(requests, shard), shard_path,
+            key_fields=key_fields,
+            model_id=args.model_id or Path(os.path.normpath(args.model_path)).name,
+            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            description=f"{description} (shard {shard.index + 1}/{shard.count})" if shard.count > 1 else description,
+        )
+        print(f"{description}: {summary.describe()}")
+        skipped = [(str(key), reason) for key, reason in summary.skipped]
+        if shard.is_whole:
+            return True, skipped
+        mark_shard_done(shard_path, {"shard": shard.index, "generated": summary.generated, "skipped": skipped})
+        if not all_shards_done(args.answers_file, shard.count):
+            print(f"Shard {shard.index} of {shard.count} done; the last shard to finish merges and scores.")
+            return False, skipped
+    elif shard.is_whole:
+        return True, skipped
+    elif not all_shards_done(args.answers_file, shard.count):
+        logger.warning("Not every shard has finished; merging what the shard files hold.")
+    skipped = [tuple(entry) for marker in read_done_markers(args.answers_file, shard.count) for entry in marker["skipped"]]
+    merge_shards(args.answers_file, shard.count, [request.key for request in requests], key_fields)
+    return True, skipped
+
+
+def write_metrics(path: str | None, metrics: dict) -> None:
+    from .answers_file import atomic_write_json
+
+    if path:
+        atomic_write_json(path, metrics)
+        print(f"Metrics written to {path}")
+
+
+def add_input_problems(metrics: dict, problems: list) -> dict:
+    metrics["skipped_inputs"] = len(problems)
+    metrics["skipped_examples"] = [{"where": where, "reason": reason} for where, reason in problems[:20]]
+    return metrics
+
+
+def textvqa_result(annotation_file: str, result_file: str, metrics_file: str | None, problems: list) -> int:
+    from .answers_file import read_answers
+    from .textvqa import load_annotations, score_textvqa
+
+    content = read_answers(result_file)
+    if content.truncated_tail or content.corrupt_lines:
+        logger.warning(f"{result_file}: {len(content.corrupt_lines) + content.truncated_tail} unreadable line(s) ignored.")
+    score = score_textvqa(content.records, load_annotations(annotation_file))
+    print(Path(result_file).stem)
+    print(score.report())
+    write_metrics(metrics_file, add_input_problems(score.to_metrics(), problems))
+    return 1 if score.unmatched else 0
+
+
+def mmbench_result(args, table, items, result_file: str, problems: list) -> int:
+    from .answers_file import read_answers
+    from .mmbench import score_mmbench, submission_frame, write_submission
+
+    records = read_answers(result_file).records
+    submission_file = args.submission_file
+    if submission_file is None and not table.has_answers:
+        submission_file = str(Path(result_file).with_suffix(".xlsx"))
+    if submission_file:
+        write_submission(submission_frame(table, records, items), submission_file)
+        print(f"Submission file written to {submission_file}")
+    if not table.has_answers:
+        metrics = {"benchmark": "mmbench", "accuracy": None, "samples": len({item.group_id for item in items}),
+                   "submission_file": submission_file}
+        write_metrics(args.metrics_file, add_input_problems(metrics, problems))
+        return 0
+    score = score_mmbench(records, items)
+    print(Path(result_file).stem)
+    print(score.report())
+    write_metrics(args.metrics_file, add_input_problems(score.to_metrics(), problems))
+    return 1 if score.unmatched else 0
+
+
+def run_eval_textvqa(args) -> int:
+    from .textvqa import KEY_FIELDS, load_textvqa_questions
+
+    loaded = load_textvqa_questions(args.question_file, args.image_folder, args.dataset, args.split, args.id_column)
+    requests = loaded.requests[: args.limit] if args.limit is not None else loaded.requests
+    ready, skipped = generate_and_merge(args, requests, KEY_FIELDS, "TextVQA")
+    if not ready:
+        return 0
+    if args.annotation_file is None:
+        print(f"Answers in {args.answers_file}; no --annotation-file, so no score.")
+        return 0
+    return textvqa_result(args.annotation_file, args.answers_file, args.metrics_file, loaded.skipped + skipped)
+
+
+def mmbench_inputs(args):
+    from .mmbench import load_mmbench_items, read_mmbench_table
+
+    table = read_mmbench_table(args.question_file)
+    items, skipped = load_mmbench_items(table, rounds=args.rounds)
+    if getattr(args, "limit", None) is not None:
+        kept_groups = set(list(dict.fromkeys(item.group_id for item in items))[: args.limit])
+        items = [item for item in items if item.group_id in kept_groups]
+    return table, items, skipped
+
+
+def run_eval_mmbench(args) -> int:
+    from .mmbench import KEY_FIELDS, mmbench_requests
+
+    table, items, skipped = mmbench_inputs(args)
+    requests = mmbench_requests(table, items, lang=args.lang)
+    ready, generation_skipped = generate_and_merge(args, requests, KEY_FIELDS, "MMBench")
+    if not ready:
+        return 0
+    return mmbench_result(args, table, items, args.answers_file, skipped + generation_skipped)
+
+
+def run_score_textvqa(args) -> int:
+    return textvqa_result(args.annotation_file, args.result_file, args.metrics_file, [])
+
+
+def run_score_mmbench(args) -> int:
+    table, items, skipped = mmbench_inputs(args)
+    return mmbench_result(args, table, items, args.result_file, skipped)

@@ -1,0 +1,258 @@
+"""TextVQA: questions in LLaVA's formats, and the official scoring of answer files.
+
+Questions come from LLaVA's `llava_textvqa_val_v051_ocr.jsonl` (fields question_id, image, text;
+the text already ends with the answer instruction) plus the TextVQA image folder, or from a local
+`datasets` dataset with an image column. Scoring follows LLaVA's `eval_textvqa.py`: a result is
+matched to an entry of `TextVQA_0.5.1_val.json` by (its question_id, the question recovered from its
+prompt, lower-cased) against (annotation image_id, annotation question lower-cased) -- LLaVA's
+question files carry the image id in `question_id` -- and scored with the VQA accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from PIL import Image
+from transformers.utils import logging
+
+from .answer_normalization import vqa_accuracy
+from .answer_request import AnswerRequest
+
+logger = logging.get_logger(__name__)
+
+ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+OCR_LINE_PREFIX = "Reference OCR token: "
+# A TextVQA answer is identified by its question id and prompt: one image has several questions.
+KEY_FIELDS = ("question_id", "prompt")
+SHOWN_PROBLEMS = 5
+
+
+@dataclass
+class LoadedQuestions:
+    requests: list[AnswerRequest] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def with_answer_instruction(text: str) -> str:
+    """The question text ending with LLaVA's short-answer instruction (added only if it is not there yet)."""
+    if text.rstrip().endswith(ANSWER_INSTRUCTION):
+        return text
+    return f"{text}\n{ANSWER_INSTRUCTION}"
+
+
+def open_image(path: Path) -> Image.Image:
+    return Image.open(path)
+
+
+def textvqa_request(question_id, text: str, load_image) -> AnswerRequest:
+    prompt = with_answer_instruction(text)
+    return AnswerRequest(
+        key=(question_id, prompt),
+        question=prompt,
+        load_image=load_image,
+        record={"question_id": question_id, "prompt": prompt},
+    )
+
+
+def questions_from_jsonl(question_file: str | os.PathLike, image_folder: str | os.PathLike) -> LoadedQuestions:
+    """LLaVA's question JSONL; lines that are not JSON objects with question_id, image and text are skipped."""
+    loaded = LoadedQuestions()
+    image_folder = Path(image_folder)
+    with open(question_file, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                question = json.loads(line)
+            except json.JSONDecodeError as error:
+                loaded.skipped.append((f"line {line_number}", f"not valid JSON ({error.msg})"))
+                continue
+            missing = [name for name in ("question_id", "image", "text") if not isinstance(question, dict)
+                       or question.get(name) is None]
+            if missing:
+                loaded.skipped.append((f"line {line_number}", f"missing field(s) {', '.join(missing)}"))
+                continue
+            load = partial(open_image, image_folder / question["image"])
+            loaded.requests.append(textvqa_request(question["question_id"], question["text"], load))
+    return loaded
+
+
+def load_local_dataset(dataset_path: str | os.PathLike, split: str):
+    """A dataset saved with `save_to_disk`, a parquet file, or a folder of parquet files (no download)."""
+    import datasets
+
+    dataset_path = Path(dataset_path)
+    if not dataset_path.exists():
+        raise ValueError(f"Dataset path {dataset_path} does not exist; give a local folder or parquet file.")
+    if (dataset_path / "dataset_info.json").exists() or (dataset_path / "dataset_dict.json").exists():
+        dataset = datasets.load_from_disk(str(dataset_path))
+        return dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+    if dataset_path.is_file():
+        return datasets.load_dataset("parquet", data_files=str(dataset_path), split="train")
+    files = sorted(str(path) for path in dataset_path.rglob("*.parquet"))
+    if not files:
+        raise ValueError(f"No parquet files under {dataset_path}.")
+    return datasets.load_dataset("parquet", data_files=files, split="train")
+
+
+def dataset_image(dataset, row: int, image_column: str) -> Image.Image:
+    image = dataset[row][image_column]
+    if image is None:
+        raise ValueError("the row has no image")
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"the {image_column!r} column holds {type(image).__name__}, not an image")
+    return image
+
+
+def questions_from_dataset(
+    dataset_path: str | os.PathLike, split: str = "train", id_column: str = "question_id", image_column: str = "image"
+) -> LoadedQuestions:
+    """Questions from a local `datasets` dataset: an id column, an image column, and "text" or "question".
+
+    LLaVA's scorer matches answers by image id; with datasets whose question ids are not image ids
+    (e.g. lmms-lab/textvqa), pass `id_column="image_id"`.
+    """
+    dataset = load_local_dataset(dataset_path, split)
+    text_column = "text" if "text" in dataset.column_names else "question"
+    required = [id_column, image_column, text_column]
+    absent = [name for name in required if name not in dataset.column_names]
+    if absent:
+        raise ValueError(
+            f"Dataset {dataset_path} lacks column(s) {absent}; it has {dataset.column_names}. "
+            "TextVQA needs an id column, an image column and a 'text' or 'question' column."
+        )
+    loaded = LoadedQuestions()
+    # Read the text columns without decoding any image.
+    texts = dataset.select_columns([id_column, text_column])
+    for row, entry in enumerate(texts):
+        if entry[id_column] is None or not entry[text_column]:
+            loaded.skipped.append((f"row {row}", f"missing {id_column} or {text_column}"))
+            continue
+        load = partial(dataset_image, dataset, row, image_column)
+        loaded.requests.append(textvqa_request(entry[id_column], entry[text_column], load))
+    return loaded
+
+
+def load_textvqa_questions(
+    question_file: str | None = None,
+    image_folder: str | None = None,
+    dataset_path: str | None = None,
+    split: str = "train",
+    id_column: str = "question_id",
+) -> LoadedQuestions:
+    if (question_file is None) == (dataset_path is None):
+        raise ValueError("Give exactly one question source: --question-file (with --image-folder) or --dataset.")
+    if question_file is not None:
+        if image_folder is None:
+            raise ValueError("--question-file needs --image-folder (the TextVQA train_images folder).")
+        loaded = questions_from_jsonl(question_file, image_folder)
+    else:
+        loaded = questions_from_dataset(dataset_path, split=split, id_column=id_column)
+    for where, reason in loaded.skipped[:SHOWN_PROBLEMS]:
+        logger.warning(f"Skipping TextVQA question at {where}: {reason}")
+    if loaded.skipped:
+        logger.warning(f"{len(loaded.skipped)} malformed TextVQA question(s) skipped in total.")
+    return loaded
+
+
+def question_from_prompt(prompt: str) -> str | None:
+    """The question LLaVA's scorer recovers from an answer's prompt, lower-cased; None if the format is unknown.
+
+    Recognised: BLIP-style "OCR tokens: ... Question: ... Short answer:", three lines with a
+    "Reference OCR token: " line (the question is the first line, or the second when the OCR line
+    comes first), and two lines (question, instruction).
+    """
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        match = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        return match.group(1).lower() if match else None
+    if OCR_LINE_PREFIX in prompt and len(lines) == 3:
+        return (lines[1] if prompt.startswith(OCR_LINE_PREFIX.rstrip()) else lines[0]).lower()
+    if len(lines) == 2:
+        return lines[0].lower()
+    return None
+
+
+def load_annotations(annotation_file: str | os.PathLike) -> dict[tuple, list[str]]:
+    """(image_id, lower-cased question) -> the human answers, from TextVQA_0.5.1_val.json."""
+    with open(annotation_file, encoding="utf-8") as handle:
+        payload = json.load(handle)
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+        raise ValueError(  # noqa: TRY004 (the file is wrong, not the caller)
+            f"{annotation_file} is not a TextVQA annotation file: expected {{'data': [...]}}."
+        )
+    annotations = {}
+    for entry in payload["data"]:
+        answers = entry.get("answers")
+        if not answers:
+            raise ValueError(f"Annotation for question {entry.get('question_id')} has no answers; is this the test split?")
+        annotations[(entry["image_id"], entry["question"].lower())] = answers
+    return annotations
+
+
+@dataclass
+class TextVQAScore:
+    """Accuracy in percent over the matched results, and everything that did not count."""
+
+    accuracy: float
+    samples: int
+    empty_predictions: int = 0
+    unmatched: list[tuple[str, str]] = field(default_factory=list)
+    annotations_without_result: int = 0
+
+    def report(self) -> str:
+        return f"Samples: {self.samples}\nAccuracy: {self.accuracy:.2f}%\n"
+
+    def to_metrics(self) -> dict:
+        return {
+            "benchmark": "textvqa",
+            "accuracy": self.accuracy,
+            "samples": self.samples,
+            "empty_predictions": self.empty_predictions,
+            "unmatched_results": len(self.unmatched),
+            "unmatched_examples": [{"question_id": qid, "reason": reason} for qid, reason in self.unmatched[:20]],
+            "annotations_without_result": self.annotations_without_result,
+        }
+
+
+def score_textvqa(records: Iterable[dict], annotations: dict[tuple, list[str]]) -> TextVQAScore:
+    """Score answer records; results the annotations lack are listed, never counted into the accuracy."""
+    scores, unmatched, seen = [], [], set()
+    empty = 0
+    for record in records:
+        question_id = record.get("question_id")
+        question = question_from_prompt(str(record.get("prompt", "")))
+        if question is None:
+            unmatched.append((str(question_id), "prompt is in none of the formats LLaVA's scorer reads"))
+            continue
+        key = (question_id, question)
+        if key not in annotations:
+            unmatched.append((str(question_id), f"no annotation for this image id and question {question!r}"))
+            continue
+        prediction = record.get("text")
+        if not isinstance(prediction, str) or not prediction.strip():
+            empty += 1
+            prediction = ""
+        scores.append(vqa_accuracy(prediction, annotations[key]))
+        seen.add(key)
+    if unmatched:
+        logger.warning(
+            f"{len(unmatched)} result(s) have no matching annotation and are left out of the accuracy; first: "
+            + "; ".join(f"{qid} ({reason})" for qid, reason in unmatched[:SHOWN_PROBLEMS])
+        )
+    if empty:
+        logger.warning(f"{empty} empty prediction(s), scored 0.")
+    accuracy = 100.0 * sum(scores) / len(scores) if scores else 0.0
+    return TextVQAScore(
+        accuracy=accuracy,
+        samples=len(scores),
+        empty_predictions=empty,
+        unmatched=unmatched,
+        annotations_without_result=len(set(annotations) - seen),
+    )
