@@ -10,11 +10,9 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from piip_llava.cli import main
-from piip_llava.conversation import VICUNA_V1, jinja_chat_template
 from piip_llava.evaluation import generation
 from piip_llava.evaluation.answers_file import read_answers
 
@@ -25,39 +23,7 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A saved tiny LLaVA (CLIP vision tower, Llama text model) with a vicuna_v1 chat-template processor."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    from piip_llava.tokenizer_training import train_llama_style_tokenizer
-
-    tokenizer = train_llama_style_tokenizer(CORPUS, vocab_size=320)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=jinja_chat_template(VICUNA_V1),
-    )
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=16)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    directory = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+# The model under test is conftest's `tiny_model_dir`: a saved tiny PIIP-LLaVA with its processor.
 
 
 def make_textvqa_files(root, with_missing_image=True):
