@@ -11,11 +11,14 @@ import argparse
 import importlib
 import sys
 
-# (module, attribute) pairs; each attribute is an `add_parser(subparsers)` function.
 SUBCOMMAND_MODULES = [
-    "piip_llava.commands.flops",
     "piip_llava.commands.chat",
+    "piip_llava.commands.train",
     "piip_llava.evaluation.commands",
+    "piip_llava.commands.convert",
+    "piip_llava.commands.flops",
+    "piip_llava.commands.bench",
+    "piip_llava.synthetic.commands",
 ]
 
 
