@@ -6,9 +6,11 @@ setup(
     description="Parameter-Inverted Image Pyramid networks and PIIP-LLaVA, native to Hugging Face transformers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["piip_llava", "piip_llava.*"]),
+    # The top-level configs/ folder ships inside the package as piip_llava/configs.
+    packages=find_packages(include=["piip_llava", "piip_llava.*"]) + ["piip_llava.configs"],
+    package_dir={"piip_llava.configs": "configs"},
     include_package_data=True,
-    package_data={"piip_llava": ["assets/**/*", "configs/*.json"]},
+    package_data={"piip_llava": ["assets/**/*"], "piip_llava.configs": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned by the install step (see README): a bare requirement would pull a CUDA build.

@@ -193,14 +193,14 @@ class PIIPImageProcessor(PilBackend):
     """
 
     valid_kwargs = PIIPImageProcessorKwargs
-    model_input_names = ["pixel_values"]
+    model_input_names = ["pixel_values"]  # noqa: RUF012 (transformers reads class-level defaults)
 
     resample = PILImageResampling.BICUBIC
     image_mean = IMAGENET_DEFAULT_MEAN
     image_std = IMAGENET_DEFAULT_STD
-    size = {"shortest_edge": DEFAULT_IMAGE_SIZE}
+    size = {"shortest_edge": DEFAULT_IMAGE_SIZE}  # noqa: RUF012
     default_to_square = False
-    crop_size = {"height": DEFAULT_IMAGE_SIZE, "width": DEFAULT_IMAGE_SIZE}
+    crop_size = {"height": DEFAULT_IMAGE_SIZE, "width": DEFAULT_IMAGE_SIZE}  # noqa: RUF012
     do_resize = True
     do_center_crop = True
     do_rescale = True
@@ -246,7 +246,9 @@ class PIIPImageProcessor(PilBackend):
         if is_torch_available() and isinstance(image, torch.Tensor):
             image = image.detach().cpu().numpy()
         if not isinstance(image, np.ndarray):
-            raise ValueError(f"PIIPImageProcessor cannot read an image of type {type(image).__name__}.")
+            raise ValueError(  # noqa: TRY004 (a non-image input is a bad value, as everywhere in this processor)
+                f"PIIPImageProcessor cannot read an image of type {type(image).__name__}."
+            )
         channel_axis = _array_channel_axis(image, input_data_format)
         array = image[None] if channel_axis is None else np.moveaxis(image, channel_axis, 0)
         return _array_to_rgb(array) if do_convert_rgb else array

@@ -28,6 +28,13 @@ def cell_centre_reference_points(grid: Grid, device: torch.device) -> torch.Tens
     return torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), dim=-1)
 
 
+def build_sampling_constants(query_grid: Grid, feat_grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference points of the query grid and the (W_feat, H_feat) normaliser of the sampling offsets."""
+    feat_height, feat_width = feat_grid
+    normaliser = torch.tensor([feat_width, feat_height], device=device, dtype=torch.float32)
+    return cell_centre_reference_points(query_grid, device), normaliser
+
+
 class DeformableCrossAttention(nn.Module):
     """Single-level multi-scale deformable attention (Deformable DETR), in plain PyTorch.
 
@@ -52,6 +59,21 @@ class DeformableCrossAttention(nn.Module):
         self.attention_weights = nn.Linear(query_dim, num_heads * num_points)
         self.value_proj = nn.Linear(feat_dim, value_dim)
         self.output_proj = nn.Linear(value_dim, query_dim)
+        # (query grid, feat grid, device) -> (reference points, offset normaliser); both depend on shapes only.
+        self._constants_by_shape: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def sampling_constants(self, query_grid: Grid, feat_grid: Grid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries, 2) reference points and the (2,) (W_feat, H_feat) offset normaliser.
+
+        Both depend on the grids only, so they are built once per shape and device and reused (a
+        compiled graph folds them into constants instead).
+        """
+        if torch.compiler.is_compiling():
+            return build_sampling_constants(query_grid, feat_grid, device)
+        key = (tuple(query_grid), tuple(feat_grid), device)
+        if key not in self._constants_by_shape:
+            self._constants_by_shape[key] = build_sampling_constants(query_grid, feat_grid, device)
+        return self._constants_by_shape[key]
 
     def initial_offset_bias(self) -> torch.Tensor:
         """Head h starts looking along direction 2*pi*h/heads, point p at distance p+1 (in cells)."""
@@ -69,8 +91,7 @@ class DeformableCrossAttention(nn.Module):
         weights = self.attention_weights(query).view(batch, num_queries, self.num_heads, self.num_points)
         weights = weights.float().softmax(dim=-1)
 
-        reference = cell_centre_reference_points(query_grid, query.device)  # (queries, 2) as (x, y)
-        normaliser = torch.tensor([feat_width, feat_height], device=query.device, dtype=torch.float32)
+        reference, normaliser = self.sampling_constants(query_grid, feat_grid, query.device)  # (queries, 2) as (x, y)
         locations = reference[None, :, None, None, :] + offsets.float() / normaliser  # (batch, queries, heads, points, 2)
         sampling_grid = 2.0 * locations - 1.0  # grid_sample coordinates, align_corners=False
 

@@ -13,7 +13,7 @@ from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 from transformers.models.convnext.modeling_convnext import ConvNextLayer
 from transformers.utils import ModelOutput, logging
 
-from .branches import BranchState, ConvNextBranch, ViTBranch, build_branch
+from .branches import BranchState, ConvNextBranch, ViTBranch, build_branch, linear_rates
 from .configuration_piip import PIIPVisionConfig
 from .interactions import BidirectionalInteractionUnit, DeformableCrossAttention, Injector
 from .pretrained_branches import build_from_pretrained_branches
@@ -130,7 +130,7 @@ class PIIPVisionModel(PIIPPreTrainedModel):
         super().__init__(config)
         attn_implementation = config._attn_implementation
         self.branches = nn.ModuleList([build_branch(spec, attn_implementation) for spec in config.branch_specs])
-        drop_path_rates = torch.linspace(0, config.interaction_drop_path_rate, config.num_interactions).tolist()
+        drop_path_rates = linear_rates(config.interaction_drop_path_rate, config.num_interactions)
         self.interactions = nn.ModuleList(
             [PIIPInteraction(config, index, drop_path_rates[index]) for index in range(config.num_interactions)]
         )
