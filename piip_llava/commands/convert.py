@@ -1,0 +1,90 @@
+"""`piip-llava convert`: a released PIIP-LLaVA checkpoint directory -> our transformers directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def parse_branch_override(text: str) -> tuple[int, str, object]:
+    """`BRANCH:KEY=VALUE` (e.g. `2:num_attention_heads=12`) -> (2, "num_attention_heads", 12)."""
+    try:
+        branch, assignment = text.split(":", 1)
+        key, raw_value = assignment.split("=", 1)
+        number = int(branch)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BRANCH:KEY=VALUE (e.g. 2:num_attention_heads=12)") from error
+    try:
+        value = json.loads(raw_value)
+    except json.JSONDecodeError:
+        value = raw_value  # a bare string such as quick_gelu
+    return number, key.strip(), value
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="Convert a released PIIP-LLaVA checkpoint into a directory transformers loads.",
+        description=(
+            "Convert a released PIIP-LLaVA checkpoint (LLaVA-style config.json, the Python vision config it names, "
+            "pytorch_model*.bin or model*.safetensors weights, tokenizer.model) into a directory that "
+            "PIIPLlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained load. Nothing from "
+            "the checkpoint is executed. A conversion_report.json lists every dropped or filled tensor."
+        ),
+    )
+    parser.add_argument("--src", required=True, help="the released checkpoint directory")
+    parser.add_argument("--dst", required=True, help="the output directory")
+    parser.add_argument(
+        "--vision-config",
+        help="the Python vision config file, when it is not where config.json's mm_vision_tower says",
+    )
+    parser.add_argument(
+        "--branch-override",
+        action="append",
+        default=[],
+        type=parse_branch_override,
+        metavar="BRANCH:KEY=VALUE",
+        help="set a branch backbone config value (1-based branch), e.g. 2:num_attention_heads=12; repeatable",
+    )
+    parser.add_argument("--allow-unused", action="store_true", help="drop checkpoint tensors that map to nothing")
+    parser.add_argument(
+        "--allow-missing", action="store_true", help="leave parameters without a checkpoint tensor at their init"
+    )
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    parser.add_argument(
+        "--no-pad-to-square",
+        action="store_true",
+        help="centre-crop images instead of padding them to a square (the released models were evaluated padded)",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from piip_llava.conversion import ConversionError, convert_released_checkpoint
+
+    overrides: dict[int, dict] = {}
+    for branch, key, value in args.branch_override:
+        overrides.setdefault(branch, {})[key] = value
+    try:
+        report = convert_released_checkpoint(
+            args.src,
+            args.dst,
+            vision_config_file=args.vision_config,
+            branch_overrides=overrides,
+            allow_unused=args.allow_unused,
+            allow_missing=args.allow_missing,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            pad_to_square=not args.no_pad_to_square,
+        )
+    except (ConversionError, FileNotFoundError, ValueError) as error:
+        print(f"piip-llava convert: {error}")
+        return 1
+    print(
+        f"Converted {args.src} -> {args.dst}: {report.renamed} tensors renamed, "
+        f"{len(report.dropped_expected_unused)} expected-unused dropped, {len(report.unused)} unused dropped, "
+        f"{len(report.missing)} missing, <image> = token {report.image_token_index}. "
+        f"Details: {args.dst}/conversion_report.json"
+    )
+    return 0
