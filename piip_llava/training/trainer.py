@@ -95,14 +95,19 @@ class PIIPLlavaTrainer(Trainer):
         )
 
 
-def load_processor(model_dir: str | Path, num_image_tokens: int, conversation_format: str) -> PIIPLlavaProcessor:
+def load_processor(
+    model_dir: str | Path, num_image_tokens: int, conversation_format: str, pad_to_square: bool | None = None
+) -> PIIPLlavaProcessor:
     """The processor saved beside a model, with the chat template of `conversation_format`.
 
     Built from its parts rather than through `AutoProcessor`, so the stage's conversation format
-    is the one saved with the output whatever the starting directory had.
+    (and, when given, its image preprocessing) is the one saved with the output whatever the
+    starting directory had: inference then prepares prompts and images as the last stage trained.
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     image_processor = PIIPImageProcessor.from_pretrained(model_dir)
+    if pad_to_square is not None:
+        image_processor.pad_to_square = pad_to_square
     return PIIPLlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -249,7 +254,12 @@ def run_training(
     """
     model = load_model(options, args)
     config = model.config
-    processor = load_processor(options.model_dir, config.num_image_tokens, options.conversation_format)
+    processor = load_processor(
+        options.model_dir,
+        config.num_image_tokens,
+        options.conversation_format,
+        pad_to_square=options.image_aspect_ratio == "pad",
+    )
     dataset = build_dataset(options, config, processor)
     warn_if_workers_hide_skips(options, args)
     if processor.tokenizer.pad_token_id is None:

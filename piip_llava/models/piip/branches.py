@@ -89,6 +89,8 @@ class ViTBranch(nn.Module):
         self.layers = nn.ModuleList(
             [family.layer_class(backbone_config) for _ in range(backbone_config.num_hidden_layers)]
         )
+        # grid -> (cache key, interpolated table); see `patch_position_embeddings`.
+        self._position_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -97,9 +99,32 @@ class ViTBranch(nn.Module):
     def position_embeddings(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(H*W, C) patch position embeddings for `grid` and the class position (C,) if any."""
         table = self.embeddings.position_embedding.weight
-        if self.has_class_token:
-            return interpolate_position_grid(table[1:], grid), table[0]
-        return interpolate_position_grid(table, grid), None
+        class_position = table[0] if self.has_class_token else None
+        return self.patch_position_embeddings(table, grid), class_position
+
+    def patch_position_embeddings(self, table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The pretrained patch positions interpolated to `grid`, reused while the table cannot have changed.
+
+        The interpolation depends on the weights, so a cached result is used only in eval mode
+        without autograd on the table, and only while the table is the same tensor (`data_ptr`)
+        at the same version (`_version` counts in-place writes: `load_state_dict`, optimizer
+        steps, `copy_`). Writes through `.data` bypass the version counter; call
+        `clear_position_cache()` after those.
+        """
+        patch_table = table[1:] if self.has_class_token else table
+        needs_graph = torch.is_grad_enabled() and table.requires_grad
+        if self.training or needs_graph or torch.compiler.is_compiling():
+            return interpolate_position_grid(patch_table, grid)
+        key = (table.data_ptr(), table._version, table.dtype, table.device, torch.is_inference_mode_enabled())
+        cached = self._position_cache.get(grid)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        positions = interpolate_position_grid(patch_table, grid)
+        self._position_cache[grid] = (key, positions)
+        return positions
+
+    def clear_position_cache(self) -> None:
+        self._position_cache.clear()
 
     def embed(self, pixel_values: torch.Tensor) -> BranchState:
         patch_embedding = self.embeddings.patch_embedding
@@ -142,7 +167,8 @@ class ConvNextBranch(nn.Module):
         self.backbone_config = config
         self.image_size = spec.image_size
         self.embeddings = ConvNextEmbeddings(config)
-        drop_path_rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).split(config.depths)
+        layer_rates = linear_rates(config.drop_path_rate, sum(config.depths))
+        stage_starts = [sum(config.depths[:stage]) for stage in range(len(config.depths))]
         self.stages = nn.ModuleList()
         in_channels = config.hidden_sizes[0]
         for stage_index, (depth, out_channels) in enumerate(zip(config.depths, config.hidden_sizes)):
@@ -153,7 +179,7 @@ class ConvNextBranch(nn.Module):
                     out_channels=out_channels,
                     stride=2 if stage_index > 0 else 1,
                     depth=depth,
-                    drop_path_rates=drop_path_rates[stage_index].tolist(),
+                    drop_path_rates=layer_rates[stage_starts[stage_index] : stage_starts[stage_index] + depth],
                 )
             )
             in_channels = out_channels
@@ -196,6 +222,14 @@ class ConvNextBranch(nn.Module):
 
 def _state_from_map(feature_map: torch.Tensor) -> BranchState:
     return BranchState(tokens=feature_map.flatten(2).transpose(1, 2), grid=tuple(feature_map.shape[-2:]))
+
+
+def linear_rates(last: float, count: int) -> list[float]:
+    """`count` rates rising linearly from 0 to `last` (stochastic depth schedules), in plain Python so
+    that models can be built on the meta device."""
+    if count <= 1:
+        return [0.0] * count
+    return [last * index / (count - 1) for index in range(count)]
 
 
 def build_branch(spec: BranchSpec, attn_implementation: str | None = None) -> nn.Module:

@@ -134,6 +134,8 @@ class PIIPVisionModel(PIIPPreTrainedModel):
         self.interactions = nn.ModuleList(
             [PIIPInteraction(config, index, drop_path_rates[index]) for index in range(config.num_interactions)]
         )
+        # Each branch's [first, last] block range per interaction, read once (the config rebuilds specs on access).
+        self.branch_block_ranges = [spec.interaction_groups for spec in config.branch_specs]
         self.post_init()
 
     @classmethod
@@ -177,13 +179,48 @@ class PIIPVisionModel(PIIPPreTrainedModel):
                 f"{expected}x{expected} images (its highest branch resolution); use PIIPImageProcessor."
             )
 
+    def sync_branch_attention(self) -> None:
+        """Make every ViT branch use the encoder's attention implementation (`sdpa` unless chosen otherwise).
+
+        The branches keep their own backbone configs, which `set_attn_implementation` (on this model
+        or on a PIIP-LLaVA around it) does not reach; the current choice is copied over before each run.
+        """
+        wanted = self.config._attn_implementation
+        for branch in self.branches:
+            if isinstance(branch, ViTBranch) and branch.backbone_config._attn_implementation != wanted:
+                branch.backbone_config._attn_implementation = wanted
+
+    def compilable_blocks(self) -> list[nn.Module]:
+        """The modules `compile_blocks` compiles: every transformer / ConvNeXt layer and every interaction unit."""
+        blocks = []
+        for branch in self.branches:
+            if isinstance(branch, ViTBranch):
+                blocks.extend(branch.layers)
+            else:  # ConvNeXt downsampling layers are bare LayerNorm + conv lists: left eager
+                blocks.extend(block for block in branch.blocks if not isinstance(block, nn.ModuleList))
+        blocks.extend(unit for interaction in self.interactions for unit in interaction.units)
+        return blocks
+
+    def compile_blocks(self, **compile_options) -> PIIPVisionModel:
+        """Compile the encoder's blocks in place with `torch.compile`; returns the model.
+
+        Each block is compiled on its own (`nn.Module.compile`), so parameter names, `state_dict`
+        and saved checkpoints do not change, blocks of one kind share compiled code, and the
+        bookkeeping between blocks (block groups, class tokens) stays plain Python. The options
+        go to `torch.compile`, e.g. `backend="aot_eager"` or `mode="max-autotune"`.
+        """
+        for block in self.compilable_blocks():
+            block.compile(**compile_options)
+        return self
+
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> PIIPVisionModelOutput:
         self.check_pixel_values(pixel_values)
+        self.sync_branch_attention()
         states = [branch.embed(image) for branch, image in zip(self.branches, self.resize_for_branches(pixel_values))]
         for interaction_index, interaction in enumerate(self.interactions):
             states = [
-                branch.run_blocks(state, *spec.interaction_groups[interaction_index])
-                for branch, state, spec in zip(self.branches, states, self.config.branch_specs)
+                branch.run_blocks(state, *block_ranges[interaction_index])
+                for branch, state, block_ranges in zip(self.branches, states, self.branch_block_ranges)
             ]
             states = interaction(states)
         output = PIIPVisionModelOutput(
