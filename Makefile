@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo chat test lint
+IMAGE ?= piip_llava/assets/examples/example_shapes.png
+PROMPT ?= What colour is the circle?
+MODEL ?=
+
+.PHONY: chat test lint demo-model experiment
 
 $(VENV)/installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -12,18 +16,20 @@ $(VENV)/installed: setup.py
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# What runs without any weights: the published PIIP encoders' parameters and GFLOPs, then a
-# randomly initialised tiny PIIP-LLaVA answering through generate() (gibberish, but every part runs).
-demo: $(VENV)/installed
-	$(VENV)/bin/piip-llava flops --all
-	$(PY) -m piip_llava.demo
-
-# Chat about an image with a model directory: make chat MODEL=path/to/model IMAGE=path/to/image.png
+# Ask the bundled demo model (or MODEL=dir) about a bundled example image (or IMAGE=path).
 chat: $(VENV)/installed
-	$(VENV)/bin/piip-llava chat --model "$(MODEL)" --image "$(IMAGE)"
+	$(VENV)/bin/piip-llava chat --image "$(IMAGE)" --prompt "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)")
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests
 
 lint: $(VENV)/installed
-	$(VENV)/bin/ruff check piip_llava tests
+	$(VENV)/bin/ruff check piip_llava tests scripts benchmarks eval
+
+# Retrain the bundled demo model from scratch (about 25 minutes on 2 cores) and install it.
+demo-model: $(VENV)/installed
+	$(PY) scripts/train_demo_model.py --work-dir outputs/demo --install
+
+# PIIP against single-branch baselines (hours on 2 cores; resumable).
+experiment: $(VENV)/installed
+	$(PY) scripts/piip_experiment.py --work-dir outputs/demo

@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         "train": ["deepspeed>=0.16"],
-        "dev": ["deepspeed>=0.16", "pytest>=8", "ruff>=0.6"],
+        "dev": ["deepspeed>=0.16", "pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
+        "experiments": ["matplotlib>=3.7"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["piip-llava=piip_llava.cli:main"]},

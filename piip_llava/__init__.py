@@ -35,10 +35,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PIIPImageProcessor",
+    "PIIPLlavaConfig",
+    "PIIPLlavaForConditionalGeneration",
+    "PIIPLlavaModel",
+    "PIIPLlavaProcessor",
     "PIIPVisionConfig",
     "PIIPVisionModel",
-    "PIIPLlavaConfig",
-    "PIIPLlavaModel",
-    "PIIPLlavaForConditionalGeneration",
-    "PIIPLlavaProcessor",
 ]

@@ -109,7 +109,7 @@ def message_text(content) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ValueError(f"Message content must be a string or a list of parts, got {type(content).__name__}.")
+        raise TypeError(f"Message content must be a string or a list of parts, got {type(content).__name__}.")
     images = sum(1 for part in content if part.get("type") == "image")
     texts = [part.get("text", "") for part in content if part.get("type") == "text"]
     unknown = [part.get("type") for part in content if part.get("type") not in ("image", "text")]

@@ -18,8 +18,16 @@ from conftest import (
     tiny_vision_config,
     two_clip_branches,
 )
-from transformers import AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ConvNextConfig,
+    ConvNextModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from piip_llava.models.piip import PIIPVisionConfig, PIIPVisionModel
 from piip_llava.models.piip.interactions import DeformableCrossAttention, cell_centre_reference_points
@@ -202,6 +210,19 @@ def test_gradients_reach_every_parameter(branches, attention):
     loss.backward()
     without_gradient = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert without_gradient == []
+
+
+@pytest.mark.parametrize("options", [{"interaction_proj": False}, {"with_cffn": False}])
+def test_interaction_variants_without_projection_or_ffn_train(options):
+    branches = two_clip_branches()
+    branches[1]["backbone_config"] = tiny_clip_backbone(48, 2, 4)  # equal widths: no projection is needed
+    model = PIIPVisionModel(tiny_vision_config(branches, **options))
+    unit = model.interactions[0].units[0]
+    assert hasattr(unit, "proj_a_to_b") == options.get("interaction_proj", True)
+    assert hasattr(unit.injector_into_a, "ffn") == options.get("with_cffn", True)
+    perturb_interactions(model)
+    sum(feature.sum() for feature in model(torch.randn(1, 3, 128, 128)).feature_maps).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_gradient_checkpointing_gives_identical_outputs_and_gradients():

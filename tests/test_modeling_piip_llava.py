@@ -128,6 +128,39 @@ def test_any_causal_lm_works_as_the_text_model():
     assert out.shape == (1, ids.shape[1] + 3)
 
 
+def test_layer_norm_projector_and_fixed_output_grid():
+    from piip_llava.models.piip_llava.projector import PIIPMultiBranchProjector
+
+    projector = PIIPMultiBranchProjector([48, 32], out_dim=64, norm="layer_norm", output_grid_size=4)
+    maps = (torch.randn(2, 48, 4, 4), torch.randn(2, 32, 8, 8))
+    tokens = projector(maps)
+    assert tokens.shape == (2, 16, 64)
+    # Independent computation: resize to 4x4 (bilinear), per-branch MLP with LayerNorm, sum.
+    expected = 0
+    for feature_map, branch in zip(maps, projector.branches):
+        resized = torch.nn.functional.interpolate(feature_map, size=(4, 4), mode="bilinear", align_corners=False)
+        hidden = branch.linear_1(resized.flatten(2).transpose(1, 2))
+        hidden = torch.nn.functional.layer_norm(hidden, (64,), branch.norm.weight, branch.norm.bias)
+        expected = expected + branch.linear_2(torch.nn.functional.gelu(hidden))
+    torch.testing.assert_close(tokens, expected)
+    with pytest.raises(ValueError, match="projector_norm must be one of"):
+        PIIPMultiBranchProjector([48], out_dim=64, norm="batch_norm")
+
+
+def test_group_norm_projector_normalises_over_channel_groups_and_positions():
+    from piip_llava.models.piip_llava.projector import PIIPMultiBranchProjector
+
+    projector = PIIPMultiBranchProjector([8], out_dim=16, norm="group_norm", num_groups=4)
+    feature_map = torch.randn(1, 8, 3, 3)
+    hidden = projector.branches[0].linear_1(feature_map.flatten(2).transpose(1, 2))  # (1, 9, 16)
+    grouped = hidden.transpose(1, 2).reshape(1, 4, 4 * 9)
+    normalised = (grouped - grouped.mean(-1, keepdim=True)) / torch.sqrt(grouped.var(-1, unbiased=False, keepdim=True)
+                                                                          + 1e-5)
+    normalised = normalised.reshape(1, 16, 9).transpose(1, 2)
+    expected = projector.branches[0].linear_2(torch.nn.functional.gelu(normalised))
+    torch.testing.assert_close(projector((feature_map,)), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_image_tokens_without_pixel_values_are_rejected():
     model = tiny_llava()
     ids = torch.tensor([prompt_ids(model, [5], [6])])

@@ -105,6 +105,9 @@ def add_init_parser(commands) -> None:
     parser.add_argument("--out", required=True, help="output model directory")
     parser.add_argument("--projector-norm", default="group_norm", choices=("group_norm", "layer_norm"))
     parser.add_argument("--projector-groups", type=int, default=32, help="GroupNorm groups of the projector")
+    parser.add_argument(
+        "--projector-grid", type=int, help="resize every branch map to this grid (default: the last branch's grid)"
+    )
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype the weights are saved in")
     parser.set_defaults(handler=run_init)
 
@@ -219,7 +222,11 @@ def run_init(args) -> int:
     try:
         vision = load_vision_encoder(args.vision_model, args.vision_config)
         model, processor = assemble_piip_llava(
-            args.llm, vision, projector_norm=args.projector_norm, projector_num_groups=args.projector_groups
+            args.llm,
+            vision,
+            projector_norm=args.projector_norm,
+            projector_num_groups=args.projector_groups,
+            projector_output_grid_size=args.projector_grid,
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None

@@ -54,7 +54,7 @@ VIT_FAMILIES = {
 def interpolate_position_grid(grid_embedding: torch.Tensor, target_grid: tuple[int, int]) -> torch.Tensor:
     """Resize a (G*G, C) position table to the target grid, bicubically in fp32; returns (H*W, C)."""
     num_positions, channels = grid_embedding.shape
-    side = int(round(num_positions**0.5))
+    side = round(num_positions**0.5)
     if side * side != num_positions:
         raise ValueError(f"Position embedding with {num_positions} entries is not a square grid.")
     if (side, side) == tuple(target_grid):

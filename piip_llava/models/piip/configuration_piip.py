@@ -202,7 +202,7 @@ def _normalise_branch(branch) -> dict:
     if isinstance(branch, BranchSpec):
         branch = branch.to_dict()
     if not isinstance(branch, dict):
-        raise ValueError(f"Each branch must be a dict, got {type(branch).__name__}.")
+        raise TypeError(f"Each branch must be a dict, got {type(branch).__name__}.")
     for key in ("backbone_config", "image_size", "interaction_groups"):
         if key not in branch:
             raise ValueError(f"Branch config {branch!r} lacks the required key {key!r}.")

@@ -193,14 +193,14 @@ class PIIPImageProcessor(PilBackend):
     """
 
     valid_kwargs = PIIPImageProcessorKwargs
-    model_input_names = ["pixel_values"]  # noqa: RUF012 (transformers reads class-level defaults)
+    model_input_names = ["pixel_values"]
 
     resample = PILImageResampling.BICUBIC
     image_mean = IMAGENET_DEFAULT_MEAN
     image_std = IMAGENET_DEFAULT_STD
-    size = {"shortest_edge": DEFAULT_IMAGE_SIZE}  # noqa: RUF012
+    size = {"shortest_edge": DEFAULT_IMAGE_SIZE}
     default_to_square = False
-    crop_size = {"height": DEFAULT_IMAGE_SIZE, "width": DEFAULT_IMAGE_SIZE}  # noqa: RUF012
+    crop_size = {"height": DEFAULT_IMAGE_SIZE, "width": DEFAULT_IMAGE_SIZE}
     do_resize = True
     do_center_crop = True
     do_rescale = True

@@ -144,7 +144,7 @@ class DepthwiseConvOverGrid(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim, bias=True)
 
     def forward(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
-        batch, num_tokens, dim = tokens.shape
+        batch, _, dim = tokens.shape
         feature_map = tokens.transpose(1, 2).reshape(batch, dim, *grid)
         return self.dwconv(feature_map).flatten(2).transpose(1, 2)
 

@@ -230,4 +230,4 @@ class PIIPVisionModel(PIIPPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
-__all__ = ["PIIPVisionModel", "PIIPPreTrainedModel", "PIIPVisionModelOutput", "ConvNextBranch", "ViTBranch"]
+__all__ = ["ConvNextBranch", "PIIPPreTrainedModel", "PIIPVisionModel", "PIIPVisionModelOutput", "ViTBranch"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging
 
-from .configuration_piip import CONVNEXT_BACKBONE_TYPES, PIIPVisionConfig, _BACKBONE_NOISE_KEYS
+from .configuration_piip import _BACKBONE_NOISE_KEYS, CONVNEXT_BACKBONE_TYPES, PIIPVisionConfig
 
 logger = logging.get_logger(__name__)
 

@@ -64,12 +64,12 @@ class PIIPLlavaModel(PIIPLlavaPreTrainedModel, LlavaModel):
     ):
         self.check_sequence_fits(input_ids if input_ids is not None else inputs_embeds, cache)
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        if pixel_values is None and encoded.get("image") is None and input_ids is not None:
-            if (input_ids == self.config.image_token_id).any():
-                raise ValueError(
-                    f"The input has {int((input_ids == self.config.image_token_id).sum())} image tokens but no "
-                    f"pixel_values: pass the images, or remove the {self.config.image_token_id} tokens from the text."
-                )
+        no_images = pixel_values is None and encoded.get("image") is None
+        if no_images and input_ids is not None and (input_ids == self.config.image_token_id).any():
+            raise ValueError(
+                f"The input has {int((input_ids == self.config.image_token_id).sum())} image tokens but no "
+                f"pixel_values: pass the images, or remove the {self.config.image_token_id} tokens from the text."
+            )
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -1,0 +1,171 @@
+"""Train and score a small PIIP-LLaVA on the synthetic dataset, end to end, with the project's own tools.
+
+Used by `scripts/train_demo_model.py` (the bundled demo model) and `scripts/piip_experiment.py`
+(PIIP against single-branch baselines). Each step writes into a work directory and is skipped
+when its output already exists; the training stages resume from their last checkpoint, so a run
+that was stopped continues where it left off. Training and evaluation go through the
+`piip-llava train` / `piip-llava eval` commands in child processes, exactly as a user runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# The LLM: small enough to train from scratch on 2 cores in minutes.
+SMALL_LLM = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass
+class Recipe:
+    """How every model of a comparison is trained: the same data, LLM, schedule and seed."""
+
+    seed: int = 0
+    train_images: int = 2400
+    eval_images: int = 150
+    vocab_size: int = 512
+    pretrain_epochs: float = 1.0
+    finetune_epochs: float = 4.0
+    pretrain_lr: float = 2e-3
+    finetune_lr: float = 1e-3
+    batch_size: int = 16
+    threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+
+
+def log(message: str) -> None:
+    logger.info(message)
+
+
+def run_cli(*arguments: str, threads: int) -> None:
+    """Run `piip-llava ...` in a child process, as a user would."""
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    log("$ piip-llava " + " ".join(arguments))
+    subprocess.run([sys.executable, "-m", "piip_llava", *arguments], check=True, env=environment)
+
+
+def export_data(data_dir: Path, recipe: Recipe) -> Path:
+    from .export import export_dataset
+
+    if not (data_dir / "stats.json").exists():
+        export_dataset(data_dir, seed=recipe.seed, num_train_images=recipe.train_images,
+                       num_eval_images=recipe.eval_images)
+    return data_dir
+
+
+def build_llm(llm_dir: Path, data_dir: Path, recipe: Recipe) -> Path:
+    """A randomly initialised LLaMA-style LLM with a tokenizer trained on the dataset's texts."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..tokenizer_training import train_llama_style_tokenizer
+    from .export import tokenizer_corpus
+
+    if (llm_dir / "config.json").exists():
+        return llm_dir
+    tokenizer = train_llama_style_tokenizer(tokenizer_corpus(data_dir), vocab_size=recipe.vocab_size)
+    torch.manual_seed(recipe.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SMALL_LLM,
+    )
+    LlamaForCausalLM(config).save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    return llm_dir
+
+
+def train_two_stages(
+    run_dir: Path,
+    vision_config: Path,
+    data_dir: Path,
+    llm_dir: Path,
+    recipe: Recipe,
+    projector_grid: int | None = None,
+) -> Path:
+    """`train init`, stage 1 (projector, plain captions), stage 2 (everything, vicuna_v1); returns stage 2's dir."""
+    init_dir, stage1_dir, stage2_dir = run_dir / "init", run_dir / "stage1", run_dir / "stage2"
+    common = [
+        "--use-cpu", "--seed", str(recipe.seed), "--per-device-batch-size", str(recipe.batch_size),
+        "--global-batch-size", str(recipe.batch_size), "--image-folder", str(data_dir / "images"),
+        "--logging-steps", "10", "--save-steps", "100", "--save-total-limit", "1", "--resume",
+    ]
+    if not (init_dir / "config.json").exists():
+        grid = ["--projector-grid", str(projector_grid)] if projector_grid else []
+        run_cli("train", "init", "--llm", str(llm_dir), "--vision-config", str(vision_config), "--out", str(init_dir),
+                *grid, threads=recipe.threads)
+    if not (stage1_dir / "model.safetensors").exists():
+        run_cli("train", "--stage", "pretrain", "--model", str(init_dir), "--data", str(data_dir / "pretrain.json"),
+                "--output-dir", str(stage1_dir), "--epochs", str(recipe.pretrain_epochs),
+                "--learning-rate", str(recipe.pretrain_lr), "--warmup-ratio", "0.03", *common, threads=recipe.threads)
+    if not (stage2_dir / "model.safetensors").exists():
+        run_cli("train", "--stage", "finetune", "--model", str(stage1_dir), "--data", str(data_dir / "finetune.json"),
+                "--output-dir", str(stage2_dir), "--epochs", str(recipe.finetune_epochs),
+                "--learning-rate", str(recipe.finetune_lr), "--warmup-ratio", "0.03", "--weight-decay", "0.0",
+                *common, threads=recipe.threads)
+    return stage2_dir
+
+
+def evaluate(eval_dir: Path, data_dir: Path, model_dir: Path, recipe: Recipe) -> dict:
+    """Answers and scores on the held-out splits through the evaluation harness, per question type.
+
+    Returns and writes (`results.json`) the TextVQA-format accuracy per question type, the
+    MMBench-format vanilla and circular accuracy per category, and chance levels.
+    """
+    from ..evaluation.answers_file import read_answers
+    from ..evaluation.textvqa import load_annotations, score_textvqa
+
+    results_file = eval_dir / "results.json"
+    if results_file.exists():
+        return json.loads(results_file.read_text())
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    splits = data_dir / "eval"
+    run_cli("eval", "textvqa", "--model-path", str(model_dir), "--question-file",
+            str(splits / "textvqa_questions.jsonl"), "--image-folder", str(data_dir / "images"),
+            "--annotation-file", str(splits / "textvqa_annotations.json"),
+            "--answers-file", str(eval_dir / "textvqa_answers.jsonl"),
+            "--metrics-file", str(eval_dir / "textvqa_metrics.json"), "--batch-size", "16",
+            "--max-new-tokens", "8", threads=recipe.threads)
+    run_cli("eval", "mmbench", "--model-path", str(model_dir), "--question-file", str(splits / "mmbench_dev.tsv"),
+            "--answers-file", str(eval_dir / "mmbench_answers.jsonl"),
+            "--metrics-file", str(eval_dir / "mmbench_metrics.json"), "--batch-size", "16",
+            "--max-new-tokens", "4", threads=recipe.threads)
+
+    question_types = json.loads((splits / "question_types.json").read_text())
+    annotations = load_annotations(splits / "textvqa_annotations.json")
+    records = read_answers(eval_dir / "textvqa_answers.jsonl").records
+    by_type = {}
+    for question_type in sorted(set(question_types.values())):
+        subset = [record for record in records if question_types.get(str(record["question_id"])) == question_type]
+        if subset:
+            score = score_textvqa(subset, annotations)
+            by_type[question_type] = {"accuracy": score.accuracy, "samples": score.samples}
+    stats = json.loads((data_dir / "stats.json").read_text())
+    results = {
+        "textvqa": json.loads((eval_dir / "textvqa_metrics.json").read_text()),
+        "textvqa_by_type": by_type,
+        "mmbench": json.loads((eval_dir / "mmbench_metrics.json").read_text()),
+        "chance": stats.get("chance_accuracy"),
+    }
+    temporary = results_file.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(temporary, results_file)
+    return results
