@@ -7,7 +7,10 @@ IMAGE ?= piip_llava/assets/examples/example_shapes.png
 PROMPT ?= What colour is the circle?
 MODEL ?=
 
-.PHONY: chat test lint demo-model experiment
+PUBLISHED := clip-l14_336 clip-bl_512-256 convnext-b_clip-l_640-224 clip-bl_512-448 \
+	convnext-b_clip-l_1024-336 convnext-l_clip-l_1024-336
+
+.PHONY: demo chat test lint demo-model experiment
 
 $(VENV)/installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +19,12 @@ $(VENV)/installed: setup.py
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Ask the bundled demo model (or MODEL=dir) about a bundled example image (or IMAGE=path).
+# What runs without any weights: parameters and GFLOPs of every published PIIP-LLaVA encoder,
+# computed on the meta device (until the bundled demo model ships, see README).
+demo: $(VENV)/installed
+	for variant in $(PUBLISHED); do $(VENV)/bin/piip-llava flops piip_vision_$$variant || exit 1; echo; done
+
+# Chat about an image with a PIIP-LLaVA directory: make chat MODEL=converted/clip-bl_512-256_7B IMAGE=photo.jpg
 chat: $(VENV)/installed
 	$(VENV)/bin/piip-llava chat --image "$(IMAGE)" --prompt "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)")
 

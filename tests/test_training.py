@@ -234,3 +234,15 @@ def test_init_cli_assembles_a_model_that_keeps_the_llm_weights(workspace, tmp_pa
     assert torch.equal(model.model.language_model.layers[1].mlp.up_proj.weight, llm.model.layers[1].mlp.up_proj.weight)
     processor_config = json.loads((out / "processor_config.json").read_text())
     assert processor_config["num_image_tokens"] == model.config.num_image_tokens == 16
+
+
+def test_bf16_mixed_precision_with_gradient_checkpointing_trains(workspace, tmp_path):
+    output = tmp_path / "bf16"
+    trainer = run_training(
+        stage_options(workspace, "finetune"),
+        training_arguments(output, max_steps=2, bf16=True, gradient_checkpointing=True),
+    )
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    changed, _ = changed_parts(weights(workspace["init"]), weights(output))
+    assert changed == {PROJECTOR, VISION_BRANCHES, VISION_INTERACTIONS, LANGUAGE_MODEL}

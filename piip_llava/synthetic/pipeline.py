@@ -42,7 +42,7 @@ class Recipe:
     eval_images: int = 150
     vocab_size: int = 512
     pretrain_epochs: float = 1.0
-    finetune_epochs: float = 4.0
+    finetune_epochs: float = 3.0
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
     batch_size: int = 16
@@ -67,6 +67,38 @@ def export_data(data_dir: Path, recipe: Recipe) -> Path:
         export_dataset(data_dir, seed=recipe.seed, num_train_images=recipe.train_images,
                        num_eval_images=recipe.eval_images)
     return data_dir
+
+
+DESCRIBE_PROMPT = "Describe the image briefly."
+
+
+def write_instruction_mix(data_dir: Path) -> Path:
+    """Stage-2 records: the question/answer conversations plus every caption as a "describe" turn.
+
+    A model trained from scratch gets little signal from one-word answers alone; a caption names
+    every shape, colour, position and the text, so it teaches the encoder and the LLM to use the
+    image much faster (LLaVA's instruction mix likewise keeps detailed descriptions).
+    """
+    mix_path = data_dir / "finetune_mix.json"
+    if mix_path.exists():
+        return mix_path
+    questions = json.loads((data_dir / "finetune.json").read_text(encoding="utf-8"))
+    captions = json.loads((data_dir / "pretrain.json").read_text(encoding="utf-8"))
+    descriptions = [
+        {
+            "id": f"{record['id']}_describe",
+            "image": record["image"],
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + DESCRIBE_PROMPT},
+                {"from": "gpt", "value": record["conversations"][1]["value"]},
+            ],
+        }
+        for record in captions
+    ]
+    temporary = mix_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(questions + descriptions), encoding="utf-8")
+    os.replace(temporary, mix_path)
+    return mix_path
 
 
 def build_llm(llm_dir: Path, data_dir: Path, recipe: Recipe) -> Path:
@@ -117,7 +149,7 @@ def train_two_stages(
                 "--output-dir", str(stage1_dir), "--epochs", str(recipe.pretrain_epochs),
                 "--learning-rate", str(recipe.pretrain_lr), "--warmup-ratio", "0.03", *common, threads=recipe.threads)
     if not (stage2_dir / "model.safetensors").exists():
-        run_cli("train", "--stage", "finetune", "--model", str(stage1_dir), "--data", str(data_dir / "finetune.json"),
+        run_cli("train", "--stage", "finetune", "--model", str(stage1_dir), "--data", str(write_instruction_mix(data_dir)),
                 "--output-dir", str(stage2_dir), "--epochs", str(recipe.finetune_epochs),
                 "--learning-rate", str(recipe.finetune_lr), "--warmup-ratio", "0.03", "--weight-decay", "0.0",
                 *common, threads=recipe.threads)
