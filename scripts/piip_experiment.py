@@ -57,9 +57,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="outputs/demo", type=Path)
     parser.add_argument("--variants", nargs="+", default=[variant.name for variant in VARIANTS])
-    defaults = Recipe()
-    for name, value in vars(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    Recipe.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -139,7 +137,7 @@ def write_atomically(path: Path, text: str) -> None:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args = parse_arguments(argv)
-    recipe = Recipe(**{name: getattr(args, name) for name in vars(Recipe())})
+    recipe = Recipe.from_arguments(args)
     work_dir = args.work_dir.resolve()
     data_dir = export_data(work_dir / "data", recipe)
     llm_dir = build_llm(work_dir / "llm", data_dir, recipe)

@@ -47,9 +47,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="outputs/demo", type=Path)
     parser.add_argument("--install", action="store_true", help="copy the trained model into the package")
-    defaults = Recipe()
-    for name, value in vars(defaults).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    Recipe.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -66,7 +64,7 @@ def install(model_dir: Path, results: dict) -> None:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args = parse_arguments(argv)
-    recipe = Recipe(**{name: getattr(args, name) for name in vars(Recipe())})
+    recipe = Recipe.from_arguments(args)
     work_dir = args.work_dir.resolve()
     data_dir = export_data(work_dir / "data", recipe)
     llm_dir = build_llm(work_dir / "llm", data_dir, recipe)

@@ -97,6 +97,7 @@ def test_batched_left_padded_generation_equals_one_by_one_with_several_images():
             max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
         )
     assert batched[:, width:].tolist() == singles
+    assert len({tuple(tokens) for tokens in singles}) == len(singles), "samples must differ for the check to mean anything"
 
 
 def test_image_features_land_exactly_at_the_image_token_positions():

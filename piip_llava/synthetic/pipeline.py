@@ -49,6 +49,17 @@ class Recipe:
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
 
 
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """One `--option` per recipe field, so every script that trains with a recipe exposes the same knobs."""
+        for name, value in vars(cls()).items():
+            parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+
+    @classmethod
+    def from_arguments(cls, args) -> Recipe:
+        return cls(**{name: getattr(args, name) for name in vars(cls())})
+
+
 def log(message: str) -> None:
     logger.info(message)
 
