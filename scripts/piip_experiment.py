@@ -6,7 +6,7 @@ bundled demo model, see `piip_llava.synthetic.pipeline`):
 - `piip`: the demo encoder, a wider ViT at 64 px + a narrow ConvNeXt at 256 px, with interactions;
 - `large_low`: the wider ViT alone at 64 px (the pyramid's large branch alone);
 - `small_high`: the narrow ConvNeXt alone at 256 px (the pyramid's small branch alone);
-- `large_high`: the wider ViT alone at 256 px (patch 16, its map resized to the same 8x8 token grid),
+- `large_high`: the wider ViT alone at 256 px (patch 16),
   the "just use the big model at high resolution" baseline.
 
 Each variant is scored by the evaluation harness per question type; the encoder GFLOPs come from
@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from piip_llava.flops import count_encoder_cost, load_vision_config
-from piip_llava.synthetic.pipeline import Recipe, build_llm, evaluate, export_data, train_two_stages
+from piip_llava.synthetic.pipeline import (
+    Recipe,
+    evaluate,
+    export_data,
+    pretrain_llm,
+    pretrain_vision_encoder,
+    train_two_stages,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -42,14 +49,13 @@ class Variant:
     name: str
     vision_config: str
     description: str
-    projector_grid: int | None = None
 
 
 VARIANTS = (
     Variant("piip", "demo_piip_vision.json", "PIIP: ViT-192 @64 + ConvNeXt-tiny @256, interactions"),
     Variant("large_low", "experiment_large_branch_low_res.json", "large branch alone: ViT-192 @64"),
     Variant("small_high", "experiment_small_branch_high_res.json", "small branch alone: ConvNeXt-tiny @256"),
-    Variant("large_high", "experiment_large_branch_high_res.json", "large branch @256 (patch 16, 8x8 tokens)", 8),
+    Variant("large_high", "experiment_large_branch_high_res.json", "large branch alone: ViT-192 @256 (patch 16)"),
 )
 
 
@@ -140,13 +146,14 @@ def main(argv=None) -> int:
     recipe = Recipe.from_arguments(args)
     work_dir = args.work_dir.resolve()
     data_dir = export_data(work_dir / "data", recipe)
-    llm_dir = build_llm(work_dir / "llm", data_dir, recipe)
+    llm_dir = pretrain_llm(work_dir, data_dir, recipe)
     chosen = [variant for variant in VARIANTS if variant.name in args.variants]
     rows = []
     for variant in chosen:
         config_path = REPO / "configs" / variant.vision_config
         run_dir = work_dir / variant.name
-        model_dir = train_two_stages(run_dir, config_path, data_dir, llm_dir, recipe, variant.projector_grid)
+        encoder_dir = pretrain_vision_encoder(run_dir, config_path, recipe)
+        model_dir = train_two_stages(run_dir, encoder_dir, data_dir, llm_dir, recipe)
         results = evaluate(run_dir / "eval", data_dir, model_dir, recipe)
         rows.append(summarise(variant, encoder_cost(config_path), results))
         logger.info(f"{variant.name}: " + json.dumps(rows[-1]))

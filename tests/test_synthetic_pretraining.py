@@ -1,0 +1,124 @@
+"""Stage 0 of the synthetic pipeline: scene-attribute targets, encoder pretraining and language pretraining."""
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from piip_llava.models.piip import PIIPVisionModel
+from piip_llava.synthetic import export_dataset
+from piip_llava.synthetic.pipeline import Recipe, build_llm
+from piip_llava.synthetic.pretraining import (
+    METRICS_FILE,
+    SCENE_ATTRIBUTES,
+    EncoderPretraining,
+    LanguagePretraining,
+    SceneAttributeHeads,
+    attribute_loss,
+    language_documents,
+    pretrain_encoder,
+    pretrain_language_model,
+    scene_targets,
+)
+from piip_llava.synthetic.scenes import Scene, SceneText, Shape, generate_scene
+
+TINY_CONFIG = "configs/tiny_convnext_clip.json"
+
+
+def scene_with(shapes, text) -> Scene:
+    return Scene(image_size=256, background=(255, 255, 255), shapes=tuple(shapes), text=text)
+
+
+def test_targets_put_each_attribute_in_its_cell_and_right_align_digits():
+    shapes = [
+        Shape(kind="circle", colour="red", size="large", position="top", centre=(128, 42), radius=30),
+        Shape(kind="star", colour="blue", size="small", position="right", centre=(213, 128), radius=10),
+    ]
+    text = SceneText(content="47", size_class="small", font_size=11, position="bottom left", origin=(10, 240),
+                     glyph_height=8)
+    targets = scene_targets(scene_with(shapes, text))
+    top, right, bottom_left = 1, 5, 6
+    assert SCENE_ATTRIBUTES["shape_kind"][targets["shape_kind"][top]] == "circle"
+    assert SCENE_ATTRIBUTES["shape_colour"][targets["shape_colour"][right]] == "blue"
+    assert SCENE_ATTRIBUTES["shape_size"][targets["shape_size"][right]] == "small"
+    assert SCENE_ATTRIBUTES["text"][targets["text"][bottom_left]] == "number"
+    assert SCENE_ATTRIBUTES["text_size"][targets["text_size"][bottom_left]] == "small"
+    digits = [SCENE_ATTRIBUTES[f"digit_{place}"][targets[f"digit_{place}"][bottom_left]] for place in range(3)]
+    assert digits == ["none", "4", "7"]
+    # Every other cell holds nothing, for every attribute.
+    occupied = {"shape_kind": {top, right}, "shape_colour": {top, right}, "shape_size": {top, right},
+                "text": {bottom_left}, "text_size": {bottom_left}, "digit_0": set(), "digit_1": {bottom_left},
+                "digit_2": {bottom_left}}
+    for name, cells in occupied.items():
+        assert {cell for cell, value in enumerate(targets[name]) if value} == cells, name
+
+
+def test_word_targets_name_the_word_and_leave_digits_empty():
+    text = SceneText(content="CAT", size_class="large", font_size=23, position="top right", origin=(180, 40),
+                     glyph_height=16)
+    targets = scene_targets(scene_with([], text))
+    assert SCENE_ATTRIBUTES["text"][targets["text"][2]] == "CAT"
+    assert all(value == 0 for place in range(3) for value in targets[f"digit_{place}"])
+
+
+def test_heads_give_per_cell_logits_and_a_finite_loss():
+    rng = random.Random(3)
+    scenes = [generate_scene(rng, image_size=128) for _ in range(2)]
+    heads = SceneAttributeHeads([8, 4])
+    logits = heads((torch.randn(2, 8, 4, 4), torch.randn(2, 4, 8, 8)))
+    for name, classes in SCENE_ATTRIBUTES.items():
+        assert logits[name].shape == (2, 9, len(classes))
+    targets = {name: torch.tensor([scene_targets(scene)[name] for scene in scenes]) for name in SCENE_ATTRIBUTES}
+    loss = attribute_loss(logits, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and heads.classifiers["text"].weight.grad.abs().sum() > 0
+
+
+def test_encoder_pretraining_lowers_the_loss_saves_a_loadable_encoder_and_is_skipped_once_done(tmp_path):
+    out_dir = tmp_path / "encoder"
+    settings = EncoderPretraining(steps=12, batch_size=4, learning_rate=3e-3, check_images=8)
+    pretrain_encoder(TINY_CONFIG, out_dir, settings)
+    metrics = json.loads((out_dir / METRICS_FILE).read_text())
+    assert metrics["final_loss"] < metrics["first_loss"]
+    assert set(metrics["held_out_accuracy"]) <= set(SCENE_ATTRIBUTES)
+    assert all(0.0 <= value <= 1.0 for value in metrics["held_out_accuracy"].values())
+    encoder = PIIPVisionModel.from_pretrained(out_dir)
+    assert encoder.config.num_branches == 2
+    assert not (tmp_path / "encoder.tmp").exists()
+    stamp = (out_dir / "model.safetensors").stat().st_mtime_ns
+    pretrain_encoder(TINY_CONFIG, out_dir, settings)
+    assert (out_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("synthetic")
+    export_dataset(data_dir, seed=0, num_train_images=24, num_eval_images=4, image_size=64, progress=False)
+    return data_dir
+
+
+def test_language_pretraining_learns_the_dataset_texts(small_export, tmp_path):
+    recipe = Recipe(vocab_size=300)
+    random_dir = build_llm(tmp_path / "llm_random", small_export, recipe)
+    documents = language_documents(small_export)
+    assert len(documents) == 48 and all("<image>" not in document for document in documents)
+    out_dir = pretrain_language_model(random_dir, small_export, tmp_path / "llm",
+                                      LanguagePretraining(epochs=4, batch_size=8, learning_rate=3e-3))
+    metrics = json.loads((out_dir / METRICS_FILE).read_text())
+    assert metrics["final_loss"] < metrics["first_loss"] - 1.0
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(random_dir).config.vocab_size
+
+
+def test_recipe_options_parse_from_the_command_line_including_switches():
+    parser = argparse.ArgumentParser()
+    Recipe.add_arguments(parser)
+    defaults = Recipe.from_arguments(parser.parse_args([]))
+    assert defaults == Recipe()
+    changed = Recipe.from_arguments(parser.parse_args(["--no-freeze-vision-branches", "--projector-grid", "0",
+                                                       "--encoder-pretraining-steps", "10"]))
+    assert not changed.freeze_vision_branches and changed.projector_grid == 0
+    assert changed.encoder_pretraining_steps == 10 and changed.describe_turns is False
