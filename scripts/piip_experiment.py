@@ -10,7 +10,7 @@ bundled demo model, see `piip_llava.synthetic.pipeline`):
   the "just use the big model at high resolution" baseline.
 
 Each variant is scored by the evaluation harness per question type; the encoder GFLOPs come from
-`piip_llava.flops`. Writes docs/piip_experiment.md (table), docs/piip_experiment.json and
+`piip_llava.flops`. Writes docs/piip_experiment_table.md, docs/piip_experiment.json and
 docs/piip_experiment.png (accuracy against GFLOPs). Hours on 2 cores when run from scratch; run it
 in the background, it resumes where it stopped:
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from piip_llava.models.piip import PIIPVisionModel
 from piip_llava.synthetic import export_dataset
-from piip_llava.synthetic.pipeline import Recipe, build_llm
+from piip_llava.synthetic.pipeline import Recipe, build_llm, stage2_records, write_questions_without_text
 from piip_llava.synthetic.pretraining import (
     METRICS_FILE,
     SCENE_ATTRIBUTES,
@@ -122,3 +122,27 @@ def test_recipe_options_parse_from_the_command_line_including_switches():
                                                        "--encoder-pretraining-steps", "10"]))
     assert not changed.freeze_vision_branches and changed.projector_grid == 0
     assert changed.encoder_pretraining_steps == 10 and changed.describe_turns is False
+
+
+def test_stage2_records_without_text_keep_every_other_turn_and_one_image_placeholder(small_export):
+    records = json.loads((small_export / "finetune.json").read_text())
+    subset = json.loads(write_questions_without_text(small_export).read_text())
+    kept_ids = {record["id"] for record in subset}
+    for record in records:
+        pairs = [(record["conversations"][i]["value"], record["conversations"][i + 1]["value"])
+                 for i in range(0, len(record["conversations"]), 2)]
+        expected = [(question.replace("<image>\n", ""), answer) for question, answer in pairs
+                    if "is written in the image" not in question]
+        if not expected:
+            assert record["id"] not in kept_ids
+            continue
+        (match,) = [item for item in subset if item["id"] == record["id"]]
+        turns = match["conversations"]
+        assert [(turns[i]["value"].replace("<image>\n", ""), turns[i + 1]["value"])
+                for i in range(0, len(turns), 2)] == expected
+        assert turns[0]["value"].startswith("<image>\n")
+        assert sum(turn["value"].count("<image>") for turn in turns) == 1
+    assert len(subset) < len(records) or all("written" not in json.dumps(r) for r in records)
+    assert stage2_records(small_export, Recipe(text_questions=True)).name == "finetune.json"
+    with pytest.raises(ValueError, match="describe_turns"):
+        stage2_records(small_export, Recipe(describe_turns=True))

@@ -54,6 +54,8 @@ class Recipe:
     freeze_vision_branches: bool = True
     # Add every caption to stage 2 as a "describe the image" turn (see `write_instruction_mix`).
     describe_turns: bool = False
+    # Train stage 2 on the "what is written" questions too (see `write_questions_without_text` for why not).
+    text_questions: bool = False
     # Image tokens per side (0: the encoder's own grid). A scene is a 3x3 grid of cells, so 3 gives one
     # token per cell and the LLM looks among 9 tokens instead of 64: on count questions alone, its loss
     # began to depend on the image after about 125 steps with 9 tokens, not within 150 with 64.
@@ -128,6 +130,47 @@ def write_instruction_mix(data_dir: Path) -> Path:
     return mix_path
 
 
+TEXT_QUESTION_MARK = "is written in the image"
+
+
+def write_questions_without_text(data_dir: Path) -> Path:
+    """Stage-2 records without the "what is written" turns; records left with no turn are dropped.
+
+    The stage-0 encoder does not learn to read within its budget (its word and digit heads stay at
+    chance), so those turns' answers cannot be predicted from the image; they made up most of the
+    answer tokens and kept stage 2 from starting to use the image at all. The image placeholder
+    moves to the first remaining question.
+    """
+    subset_path = data_dir / "finetune_without_text.json"
+    if subset_path.exists():
+        return subset_path
+    records = []
+    for record in json.loads((data_dir / "finetune.json").read_text(encoding="utf-8")):
+        turns = record["conversations"]
+        pairs = [(turns[index], turns[index + 1]) for index in range(0, len(turns) - 1, 2)]
+        kept = [(human, gpt) for human, gpt in pairs if TEXT_QUESTION_MARK not in human["value"]]
+        if not kept:
+            continue
+        conversations = []
+        for number, (human, gpt) in enumerate(kept):
+            question = human["value"].replace("<image>\n", "")
+            conversations.append({"from": "human", "value": ("<image>\n" if number == 0 else "") + question})
+            conversations.append(dict(gpt))
+        records.append({**record, "conversations": conversations})
+    temporary = subset_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(records), encoding="utf-8")
+    os.replace(temporary, subset_path)
+    return subset_path
+
+
+def stage2_records(data_dir: Path, recipe: Recipe) -> Path:
+    if recipe.describe_turns and not recipe.text_questions:
+        raise ValueError("describe_turns and leaving out text questions cannot be combined (captions name the text).")
+    if recipe.describe_turns:
+        return write_instruction_mix(data_dir)
+    return data_dir / "finetune.json" if recipe.text_questions else write_questions_without_text(data_dir)
+
+
 def build_llm(llm_dir: Path, data_dir: Path, recipe: Recipe) -> Path:
     """A randomly initialised LLaMA-style LLM with a tokenizer trained on the dataset's texts."""
     import torch
@@ -193,7 +236,7 @@ def train_two_stages(
                 "--output-dir", str(stage1_dir), "--epochs", str(recipe.pretrain_epochs),
                 "--learning-rate", str(recipe.pretrain_lr), "--warmup-ratio", "0.03", *common, threads=recipe.threads)
     if not (stage2_dir / "model.safetensors").exists():
-        stage2_data = write_instruction_mix(data_dir) if recipe.describe_turns else data_dir / "finetune.json"
+        stage2_data = stage2_records(data_dir, recipe)
         run_cli("train", "--stage", "finetune", "--model", str(stage1_dir), "--data", str(stage2_data),
                 "--output-dir", str(stage2_dir), "--epochs", str(recipe.finetune_epochs),
                 "--learning-rate", str(recipe.finetune_lr), "--warmup-ratio", "0.03", "--weight-decay", "0.0",
