@@ -111,6 +111,19 @@ def test_language_pretraining_learns_the_dataset_texts(small_export, tmp_path):
     assert metrics["final_loss"] < metrics["first_loss"] - 1.0
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(random_dir).config.vocab_size
+    stamp = (out_dir / "model.safetensors").stat().st_mtime_ns
+    pretrain_language_model(random_dir, small_export, out_dir)
+    assert (out_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_language_pretraining_replaces_an_unfinished_or_foreign_directory(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    out_dir = tmp_path / "llm"
+    out_dir.mkdir()
+    (out_dir / "config.json").write_text("{}")
+    pretrain_language_model(random_dir, small_export, out_dir, LanguagePretraining(epochs=0.5, batch_size=8))
+    assert (out_dir / METRICS_FILE).exists()
+    assert AutoModelForCausalLM.from_pretrained(out_dir).config.vocab_size > 0
 
 
 def test_recipe_options_parse_from_the_command_line_including_switches():

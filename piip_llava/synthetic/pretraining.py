@@ -240,7 +240,7 @@ def pretrain_encoder(vision_config_file: str | os.PathLike, out_dir: str | os.Pa
 class LanguagePretraining:
     """How the LLM learns the dataset's language: causal LM on the training texts, AdamW, cosine decay."""
 
-    epochs: float = 2.0
+    epochs: float = 0.5
     batch_size: int = 32
     learning_rate: float = 2e-3
     max_length: int = 128
@@ -258,12 +258,16 @@ def language_documents(data_dir: Path) -> list[str]:
 
 def pretrain_language_model(llm_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                             settings: LanguagePretraining | None = None) -> Path:
-    """Train the LLM in `llm_dir` as a plain language model on the training texts; save it to `out_dir`."""
+    """Train the LLM in `llm_dir` as a plain language model on the training texts; save it to `out_dir`.
+
+    Skipped when `out_dir` already holds a finished result (its metrics file); the directory appears
+    only once complete.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = settings or LanguagePretraining()
     out_dir, data_dir = Path(out_dir), Path(data_dir)
-    if (out_dir / "config.json").exists():
+    if (out_dir / METRICS_FILE).exists():
         return out_dir
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
