@@ -186,10 +186,35 @@ def loss_summary(losses: list[float]) -> dict[str, float]:
     return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
 
 
-def replace_directory(temporary: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+def optimise(parameters: list[torch.Tensor], batch_loss, steps: int, learning_rate: float, weight_decay: float,
+             warmup_steps: int, description: str) -> list[float]:
+    """AdamW with linear warmup, cosine decay and gradient clipping at 1; `batch_loss(step)` gives each step's loss."""
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
+    losses = []
+    progress = tqdm(range(steps), desc=description, unit="step")
+    for step in progress:
+        loss = batch_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+def save_with_metrics(savables: list, metrics: dict, out_dir: Path) -> None:
+    """Save into a temporary sibling with the metrics file last, then swap it in: a directory holding the
+    metrics file is always complete."""
+    temporary = out_dir.with_name(out_dir.name + ".tmp")
+    for savable in savables:
+        savable.save_pretrained(temporary)
+    (temporary / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(temporary, out_dir)
 
 
 def pretrain_encoder(vision_config_file: str | os.PathLike, out_dir: str | os.PathLike,
@@ -207,32 +232,20 @@ def pretrain_encoder(vision_config_file: str | os.PathLike, out_dir: str | os.Pa
     encoder = PIIPVisionModel(config).train()
     heads = SceneAttributeHeads(config.branch_output_widths)
     processor = PIIPImageProcessor(size=config.image_size)
-    parameters = [*encoder.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(settings.warmup_ratio * settings.steps), settings.steps
-    )
-    losses = []
-    progress = tqdm(range(settings.steps), desc="encoder pretraining", unit="step")
-    for step in progress:
+
+    def batch_loss(step: int) -> torch.Tensor:
         scenes = scene_batch(ENCODER_TRAIN_SPLIT, step * settings.batch_size, settings.batch_size, settings.seed,
                              config.image_size)
         pixel_values, targets = batch_tensors(scenes, processor)
-        loss = attribute_loss(heads(encoder(pixel_values).feature_maps), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        return attribute_loss(heads(encoder(pixel_values).feature_maps), targets)
+
+    parameters = [*encoder.parameters(), *heads.parameters()]
+    losses = optimise(parameters, batch_loss, settings.steps, settings.learning_rate, settings.weight_decay,
+                      math.ceil(settings.warmup_ratio * settings.steps), "encoder pretraining")
     accuracy = attribute_accuracy(encoder, heads, processor, settings, config.image_size)
     logger.info("Encoder attribute accuracy on held-out scenes: " + json.dumps({k: round(v, 3) for k, v in accuracy.items()}))
-    temporary = out_dir.with_name(out_dir.name + ".tmp")
-    encoder.save_pretrained(temporary)
     metrics = {"settings": vars(settings), **loss_summary(losses), "held_out_accuracy": accuracy}
-    (temporary / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    replace_directory(temporary, out_dir)
+    save_with_metrics([encoder], metrics, out_dir)
     return out_dir
 
 
@@ -274,32 +287,21 @@ def pretrain_language_model(llm_dir: str | os.PathLike, data_dir: str | os.PathL
     model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).train()
     documents = language_documents(data_dir)
     steps = math.ceil(settings.epochs * len(documents) / settings.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
     generator = torch.Generator().manual_seed(settings.seed)
-    order, losses = [], []
-    progress = tqdm(range(steps), desc="language pretraining", unit="step")
-    for _ in progress:
+    order = []
+
+    def batch_loss(step: int) -> torch.Tensor:
         if len(order) < settings.batch_size:
             order.extend(torch.randperm(len(documents), generator=generator).tolist())
         batch = [documents[index] + tokenizer.eos_token for index in order[: settings.batch_size]]
         del order[: settings.batch_size]
         encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=settings.max_length)
         labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-        loss = model(**encoded, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        return model(**encoded, labels=labels).loss
+
+    losses = optimise(list(model.parameters()), batch_loss, steps, settings.learning_rate, 0.0,
+                      math.ceil(0.03 * steps), "language pretraining")
     summary = loss_summary(losses)
     logger.info(f"Language pretraining: {steps} steps, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
-    temporary = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    metrics = {"settings": vars(settings), "steps": steps, **summary}
-    (temporary / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    replace_directory(temporary, out_dir)
+    save_with_metrics([model, tokenizer], {"settings": vars(settings), "steps": steps, **summary}, out_dir)
     return out_dir
