@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="piip-llava",
     version="0.1.0",
     description="Parameter-Inverted Image Pyramid networks and PIIP-LLaVA, native to Hugging Face transformers",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     # The top-level configs/ folder ships inside the package as piip_llava/configs.
     packages=find_packages(include=["piip_llava", "piip_llava.*"]) + ["piip_llava.configs"],

@@ -134,13 +134,14 @@ def build_empty_model(config: PIIPVisionConfig) -> PIIPVisionModel:
     Eager attention makes attention a pair of plain batched matrix products, which every version of
     FlopCounterMode counts (fused CPU attention kernels are not in its formula table). The model's
     constructor computes drop-path rates with `.tolist()`, which a global `torch.device("meta")`
-    context breaks, so only parameters are put on the meta device (accelerate's context does that).
+    context breaks, so only parameters and buffers (e.g. batch-norm statistics) are put on the meta
+    device (accelerate's context does that).
     """
     from accelerate import init_empty_weights
 
     config = copy.deepcopy(config)
     config._attn_implementation = "eager"
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=True):
         model = PIIPVisionModel(config)
     return model.eval()
 

@@ -34,7 +34,8 @@ def train_bpe_vocabulary(texts: Iterable[str], vocab_size: int) -> tuple[dict[st
 
     Training splits words at each "▁" (as SentencePiece does), so no merge ever joins two words;
     that is what lets the inference tokenizer run BPE over the whole unsplit string (LLaMA's
-    `split=False` metaspace) and still produce the same pieces.
+    `split=False` metaspace) and still produce the same pieces. Digits are split apart too, so no
+    merge involves a digit and every number is spelt digit by digit, as LLaMA's tokenizer does.
     """
     if vocab_size <= len(BASE_TOKENS):
         raise ValueError(
@@ -42,7 +43,10 @@ def train_bpe_vocabulary(texts: Iterable[str], vocab_size: int) -> tuple[dict[st
             f"take {len(BASE_TOKENS)} ids."
         )
     bpe = Tokenizer(models.BPE(unk_token=UNK_TOKEN, byte_fallback=True, fuse_unk=True))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BASE_TOKENS, show_progress=False)
     bpe.train_from_iterator(texts, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]

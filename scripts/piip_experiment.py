@@ -3,11 +3,16 @@
 
 Variants (all trained by the same recipe on the same synthetic data, LLM and tokenizer as the
 bundled demo model, see `piip_llava.synthetic.pipeline`):
-- `piip`: the demo encoder, a wider ViT at 64 px + a narrow ConvNeXt at 256 px, with interactions;
-- `large_low`: the wider ViT alone at 64 px (the pyramid's large branch alone);
-- `small_high`: the narrow ConvNeXt alone at 256 px (the pyramid's small branch alone);
-- `large_high`: the wider ViT alone at 256 px (patch 16),
-  the "just use the big model at high resolution" baseline.
+- `piip`: the demo encoder, a wide ResNet at 64 px + a narrow ResNet (half the width) at 256 px,
+  with interactions;
+- `large_low`: the wide ResNet alone at 64 px (the pyramid's large branch alone);
+- `small_high`: the narrow ResNet alone at 256 px (the pyramid's small branch alone);
+- `large_high`: the wide ResNet alone at 256 px, the "just use the big model at high resolution"
+  baseline.
+
+The branches are ResNets because, trained from random weights on a CPU budget, ConvNeXt and ViT
+branches did not learn to tell the shapes apart or to read (see docs/training.md); all four
+variants share the branch family, so they differ only in widths, resolutions and interactions.
 
 Each variant is scored by the evaluation harness per question type; the encoder GFLOPs come from
 `piip_llava.flops`. Writes docs/piip_experiment_table.md, docs/piip_experiment.json and
@@ -52,10 +57,10 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("piip", "demo_piip_vision.json", "PIIP: ViT-192 @64 + ConvNeXt-tiny @256, interactions"),
-    Variant("large_low", "experiment_large_branch_low_res.json", "large branch alone: ViT-192 @64"),
-    Variant("small_high", "experiment_small_branch_high_res.json", "small branch alone: ConvNeXt-tiny @256"),
-    Variant("large_high", "experiment_large_branch_high_res.json", "large branch alone: ViT-192 @256 (patch 16)"),
+    Variant("piip", "demo_piip_vision.json", "PIIP: ResNet-256w @64 + ResNet-128w @256, interactions"),
+    Variant("large_low", "experiment_large_branch_low_res.json", "large branch alone: ResNet-256w @64"),
+    Variant("small_high", "experiment_small_branch_high_res.json", "small branch alone: ResNet-128w @256"),
+    Variant("large_high", "experiment_large_branch_high_res.json", "large branch alone: ResNet-256w @256"),
 )
 
 

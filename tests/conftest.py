@@ -46,6 +46,11 @@ def tiny_convnext_backbone() -> dict:
     return {"model_type": "convnext", "depths": [1, 1, 2, 1], "hidden_sizes": [8, 16, 24, 32]}
 
 
+def tiny_resnet_backbone() -> dict:
+    return {"model_type": "resnet", "layer_type": "basic", "embedding_size": 8, "hidden_sizes": [8, 16, 24, 32],
+            "depths": [1, 1, 2, 1]}
+
+
 def tiny_siglip_backbone() -> dict:
     return {
         "model_type": "siglip_vision_model",
@@ -70,6 +75,14 @@ def clip_convnext_branches() -> list[dict]:
     return [
         {"backbone_config": tiny_clip_backbone(48, 4, 4), "image_size": 64, "interaction_groups": [[0, 1], [2, 3]]},
         {"backbone_config": tiny_convnext_backbone(), "image_size": 128, "interaction_groups": [[0, 2], [3, 7]]},
+    ]
+
+
+def clip_resnet_branches() -> list[dict]:
+    # ResNet blocks are its residual layers, the first of stages 2-4 downsampling: 0 | 1 | 2 3 | 4.
+    return [
+        {"backbone_config": tiny_clip_backbone(48, 4, 4), "image_size": 64, "interaction_groups": [[0, 1], [2, 3]]},
+        {"backbone_config": tiny_resnet_backbone(), "image_size": 128, "interaction_groups": [[0, 1], [2, 4]]},
     ]
 
 

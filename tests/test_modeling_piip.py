@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     clip_convnext_branches,
+    clip_resnet_branches,
     perturb_interactions,
     three_branches,
     tiny_clip_backbone,
     tiny_convnext_backbone,
+    tiny_resnet_backbone,
     tiny_siglip_backbone,
     tiny_vision_config,
     two_clip_branches,
@@ -25,6 +27,8 @@ from transformers import (
     CLIPVisionModel,
     ConvNextConfig,
     ConvNextModel,
+    ResNetConfig,
+    ResNetModel,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -74,6 +78,71 @@ def test_zero_gated_clip_and_convnext_branches_equal_their_backbones(tmp_path):
     torch.testing.assert_close(output.class_tokens[0], clip_last[:, 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(output.feature_maps[1], convnext_map, atol=1e-5, rtol=0)
     assert output.class_tokens[1] is None
+
+
+def test_zero_gated_resnet_branch_equals_its_backbone(tmp_path):
+    clip_dir = save_backbone(CLIPVisionModel, CLIPVisionConfig, tiny_clip_backbone(48, 4, 4), tmp_path)
+    resnet_dir = save_backbone(ResNetModel, ResNetConfig, tiny_resnet_backbone(), tmp_path)
+    # Batch-norm statistics that are not the identity, so loading them (buffers) is checked too.
+    resnet = ResNetModel.from_pretrained(resnet_dir)
+    with torch.no_grad():
+        for module in resnet.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    resnet.save_pretrained(resnet_dir)
+    model = PIIPVisionModel.from_pretrained_branches(
+        [clip_dir, resnet_dir], image_sizes=[64, 128], interaction_groups=[[[0, 1], [2, 3]], [[0, 1], [2, 4]]],
+        deform_num_heads=2,
+    ).eval()
+    pixel_values = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        output = model(pixel_values)
+        expected = ResNetModel.from_pretrained(resnet_dir).eval()(pixel_values).last_hidden_state
+    assert model.config.branch_specs[1].num_blocks() == 5
+    assert output.feature_maps[1].shape == (2, 32, 4, 4)
+    torch.testing.assert_close(output.feature_maps[1], expected, atol=1e-5, rtol=0)
+    assert output.class_tokens[1] is None
+
+
+def test_resnet_branch_starts_from_he_initialisation():
+    model = PIIPVisionModel(tiny_vision_config(clip_resnet_branches()))
+    resnet = model.branches[1]
+    stem = resnet.embedder.embedder
+    fan_out = stem.convolution.out_channels * stem.convolution.kernel_size[0] * stem.convolution.kernel_size[1]
+    # He (fan-out) init, not the small normal init of the interaction and ViT layers.
+    assert stem.convolution.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.25)
+    for module in resnet.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert torch.equal(module.weight, torch.ones_like(module.weight))
+            assert torch.equal(module.running_var, torch.ones_like(module.running_var))
+
+
+def test_frozen_resnet_branch_keeps_its_batch_norm_statistics():
+    model = PIIPVisionModel(tiny_vision_config(clip_resnet_branches()))
+    for parameter in model.branches[1].parameters():
+        parameter.requires_grad_(False)
+    model.train()
+    norms = [module for module in model.branches[1].modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    before = [norm.running_mean.clone() for norm in norms]
+    model(torch.randn(2, 3, 128, 128) * 3 + 1)
+    assert not any(norm.training for norm in norms)
+    assert all(torch.equal(norm.running_mean, mean) for norm, mean in zip(norms, before))
+    assert model.interactions[0].training and model.branches[0].training
+    # A trainable ResNet branch updates its statistics as usual.
+    for parameter in model.branches[1].parameters():
+        parameter.requires_grad_(True)
+    model.train()
+    model(torch.randn(2, 3, 128, 128) * 3 + 1)
+    assert all(norm.training for norm in norms)
+    assert not torch.equal(norms[0].running_mean, before[0])
+
+
+def test_resnet_that_downsamples_in_its_first_stage_is_rejected():
+    branches = clip_resnet_branches()
+    branches[1]["backbone_config"]["downsample_in_first_stage"] = True
+    with pytest.raises(ValueError, match="downsample_in_first_stage"):
+        tiny_vision_config(branches)
 
 
 def test_zero_gated_siglip_branch_equals_its_backbone(tmp_path):
@@ -199,7 +268,7 @@ def test_fresh_model_has_zero_gates_and_reference_initialisation():
 # Training and I/O
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attention", ["deform", "normal"])
-@pytest.mark.parametrize("branches", [two_clip_branches, clip_convnext_branches, three_branches])
+@pytest.mark.parametrize("branches", [two_clip_branches, clip_convnext_branches, clip_resnet_branches, three_branches])
 def test_gradients_reach_every_parameter(branches, attention):
     model = PIIPVisionModel(tiny_vision_config(branches(), interaction_attention=attention))
     perturb_interactions(model)
@@ -309,7 +378,7 @@ def test_image_size_the_patches_cannot_tile_is_rejected():
         tiny_vision_config(branches)
     branches = clip_convnext_branches()
     branches[1]["image_size"] = 100
-    with pytest.raises(ValueError, match="cannot be tiled by the ConvNeXt's total stride 32"):
+    with pytest.raises(ValueError, match="cannot be tiled by the convnext backbone's total stride 32"):
         tiny_vision_config(branches)
 
 

@@ -16,7 +16,13 @@ from PIL import Image
 from piip_llava.evaluation.mmbench import load_mmbench_items, read_mmbench_table, score_mmbench
 from piip_llava.evaluation.textvqa import load_annotations, questions_from_jsonl, score_textvqa
 from piip_llava.synthetic import commands, export_dataset, tokenizer_corpus
-from piip_llava.synthetic.export import MMBENCH_COLUMNS, example_scenes, png_bytes, write_examples
+from piip_llava.synthetic.export import (
+    MMBENCH_COLUMNS,
+    example_questions,
+    example_scenes,
+    png_bytes,
+    write_examples,
+)
 from piip_llava.synthetic.questions import (
     QUESTION_TYPES,
     Question,
@@ -258,10 +264,12 @@ def test_tokenizer_corpus_covers_every_answer_without_placeholders(export_dir):
 
 def test_bundled_examples_match_the_generator(tmp_path):
     listing = json.loads((EXAMPLES_DIR / "examples.json").read_text())
-    assert [entry["answer"] for entry in listing] == ["red", "CAT"]
+    assert [entry["answer"] for entry in listing] == ["red", "square", "2", "centre", "SUN", "CAT", "green"]
+    assert {entry["question_type"] for entry in listing} == set(QUESTION_TYPES)
     assert write_examples(tmp_path) == listing
-    for entry, (scene, question) in zip(listing, example_scenes().values()):
-        assert isinstance(question, Question) and question in questions_of_type(scene, entry["question_type"])
+    scenes = example_scenes()
+    for entry, (name, question) in zip(listing, example_questions(scenes)):
+        assert isinstance(question, Question) and question in questions_of_type(scenes[name], entry["question_type"])
         bundled = np.asarray(Image.open(EXAMPLES_DIR / entry["image"]).convert("RGB"), dtype=np.int16)
         fresh = np.asarray(Image.open(tmp_path / entry["image"]).convert("RGB"), dtype=np.int16)
         assert np.abs(bundled - fresh).mean() < 1.0  # equal up to font rasterisation across Pillow versions

@@ -159,4 +159,4 @@ def test_stage2_records_without_text_keep_every_other_turn_and_one_image_placeho
     assert "is written in the image" not in json.dumps(subset)
     assert stage2_records(small_export, Recipe(text_questions=True)).name == "finetune.json"
     with pytest.raises(ValueError, match="describe_turns"):
-        stage2_records(small_export, Recipe(describe_turns=True))
+        stage2_records(small_export, Recipe(describe_turns=True, text_questions=False))

@@ -52,6 +52,12 @@ def test_unseen_characters_fall_back_to_bytes(tokenizer):
     assert tokens[-3:] == ["<0xE2>", "<0x88>", "<0xAE>"]
 
 
+def test_numbers_are_spelt_digit_by_digit_even_when_frequent():
+    tokenizer = train_llama_style_tokenizer(["The number 487 is written here, 487 again and 12."] * 50, vocab_size=400)
+    assert tokenizer.tokenize("487 and 12") == ["▁", "4", "8", "7", "▁and", "▁", "1", "2"]
+    assert tokenizer.decode(tokenizer.encode("487 and 12"), skip_special_tokens=True) == "487 and 12"
+
+
 def test_special_token_ids_follow_llama(tokenizer):
     assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     assert tokenizer.convert_ids_to_tokens(list(range(3, 3 + 256))) == BYTE_TOKENS

@@ -80,9 +80,10 @@ def changed_parts(before: dict, after: dict) -> tuple[set[str], set[str]]:
         ("finetune", {}, {PROJECTOR, VISION_BRANCHES, VISION_INTERACTIONS, LANGUAGE_MODEL}, set()),
         ("finetune", {"freeze_vision_branches": True}, {PROJECTOR, VISION_INTERACTIONS, LANGUAGE_MODEL},
          {VISION_BRANCHES}),
+        ("finetune", {"freeze_vision_tower": True}, {PROJECTOR, LANGUAGE_MODEL}, {VISION_BRANCHES, VISION_INTERACTIONS}),
         ("finetune", {"freeze_llm": True}, {PROJECTOR, VISION_BRANCHES, VISION_INTERACTIONS}, {LANGUAGE_MODEL}),
     ],
-    ids=["stage1", "stage2", "stage2-frozen-branches", "stage2-frozen-llm"],
+    ids=["stage1", "stage2", "stage2-frozen-branches", "stage2-frozen-tower", "stage2-frozen-llm"],
 )
 def test_frozen_parts_stay_bit_identical_and_trained_parts_change(workspace, tmp_path, stage, switches, trained, frozen):
     output = tmp_path / "out"

@@ -84,6 +84,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parts = parser.add_argument_group("what trains (stage 2)")
     parts.add_argument("--freeze-vision-branches", action="store_true",
                        help="keep the pretrained vision branches fixed; the interactions still train")
+    parts.add_argument("--freeze-vision-tower", action="store_true",
+                       help="keep the whole vision encoder fixed, interactions included (as LLaVA-1.5 does)")
     parts.add_argument("--freeze-llm", action="store_true", help="keep the language model fixed")
     parts.add_argument("--lora-rank", type=int, default=0, help="LoRA on the LLM's linear layers (LLaVA: 128)")
     parts.add_argument("--lora-alpha", type=int, default=256, help="LoRA scaling numerator (LLaVA: 256)")
@@ -159,6 +161,7 @@ def build_options(args):
         conversation_format=args.conversation_format,
         image_aspect_ratio=args.image_aspect_ratio,
         freeze_vision_branches=args.freeze_vision_branches,
+        freeze_vision_tower=args.freeze_vision_tower,
         freeze_llm=args.freeze_llm,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,

@@ -40,6 +40,7 @@ from .questions import (
     TEXT_QUESTION_TYPES,
     MultipleChoice,
     Question,
+    all_questions,
     caption,
     caption_conversation,
     chance_accuracy,
@@ -341,8 +342,8 @@ def tokenizer_corpus(out_dir: str | os.PathLike) -> list[str]:
     return [text for text in dict.fromkeys(texts) if text]
 
 
-def example_scenes(image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, tuple[Scene, Question]]:
-    """The two bundled examples: a large red circle (colour question) and the word CAT in large letters."""
+def example_scenes(image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, Scene]:
+    """The two bundled example images: shapes with small text, and one shape with large text."""
     rng = random.Random(EXAMPLE_SEED)
     shapes_scene = Scene(
         image_size=image_size,
@@ -359,25 +360,47 @@ def example_scenes(image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, tuple[Scen
         shapes=(place_shape(rng, "triangle", "green", "small", "right", image_size),),
         text=place_text(rng, "CAT", "large", "top left", image_size),
     )
-    colour_question = next(q for q in questions_of_type(shapes_scene, "colour") if "circle" in q.text)
-    text_question = next(q for q in questions_of_type(text_scene, "text_large") if q.text == TEXT_QUESTION)
-    return {"example_shapes": (shapes_scene, colour_question), "example_text": (text_scene, text_question)}
+    return {"example_shapes": shapes_scene, "example_text": text_scene}
+
+
+# The bundled example questions, at least one of each question type: (image name, question text).
+EXAMPLE_QUESTIONS = (
+    ("example_shapes", "What colour is the circle?"),
+    ("example_shapes", "What shape is the blue object?"),
+    ("example_shapes", COUNT_QUESTION),
+    ("example_shapes", "Where is the red circle?"),
+    ("example_shapes", TEXT_QUESTION),
+    ("example_text", TEXT_QUESTION),
+    ("example_text", "What colour is the triangle?"),
+)
+
+
+def example_questions(scenes: dict[str, Scene]) -> list[tuple[str, Question]]:
+    """The bundled example questions with their answers, taken from the generator's own questions."""
+    examples = []
+    for name, text in EXAMPLE_QUESTIONS:
+        (question,) = [question for question in all_questions(scenes[name]) if question.text == text]
+        examples.append((name, question))
+    return examples
 
 
 def write_examples(folder: str | os.PathLike) -> list[dict]:
     """Write the example images and `examples.json` (image, question, prompt, expected answer, type)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    listing = []
-    for name, (scene, question) in example_scenes().items():
+    scenes = example_scenes()
+    for name, scene in scenes.items():
         (folder / f"{name}.png").write_bytes(png_bytes(scene))
-        listing.append({
+    listing = [
+        {
             "image": f"{name}.png",
             "question": question.text,
             "prompt": question.prompt,
             "answer": question.answer,
             "question_type": question.question_type,
-            "caption": caption(scene),
-        })
+            "caption": caption(scenes[name]),
+        }
+        for name, question in example_questions(scenes)
+    ]
     write_json(folder / "examples.json", listing)
     return listing

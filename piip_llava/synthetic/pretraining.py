@@ -35,6 +35,7 @@ from transformers.utils import logging
 
 from ..models.piip import PIIPVisionConfig, PIIPVisionModel
 from ..models.piip.image_processing_piip import PIIPImageProcessor
+from ..models.piip_llava.projector import resize_to_grid
 from .export import conversation_texts, item_rng
 from .scenes import (
     PALETTE,
@@ -101,7 +102,9 @@ class SceneAttributeHeads(nn.Module):
     """Linear classifiers on each grid cell of the encoder's final maps, all branches concatenated.
 
     Heads this weak make the encoder itself lay the attributes out linearly in its feature maps,
-    which is the form the projector and the LLM can read.
+    which is the form the projector and the LLM can read. The maps are brought to the 3x3 grid
+    exactly as the projector brings them to its image-token grid (bilinear point sampling, not
+    averaging), so the features the heads train are the ones the LLM's image tokens are made of.
     """
 
     def __init__(self, branch_widths: list[int]):
@@ -112,7 +115,8 @@ class SceneAttributeHeads(nn.Module):
 
     def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         """(batch, C_i, H_i, W_i) maps -> {attribute: (batch, 9, classes) logits}."""
-        cells = torch.cat([F.adaptive_avg_pool2d(feature_map.float(), CELL_GRID) for feature_map in feature_maps], dim=1)
+        grid = (CELL_GRID, CELL_GRID)
+        cells = torch.cat([resize_to_grid(feature_map.float(), grid) for feature_map in feature_maps], dim=1)
         cells = self.norm(cells.flatten(2).transpose(1, 2))
         return {name: classifier(cells) for name, classifier in self.classifiers.items()}
 
@@ -121,7 +125,7 @@ class SceneAttributeHeads(nn.Module):
 class EncoderPretraining:
     """How the encoder is pretrained: steps of freshly generated scenes, AdamW with warmup and cosine decay."""
 
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 8
     learning_rate: float = 1e-3
     weight_decay: float = 0.05

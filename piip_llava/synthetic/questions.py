@@ -10,7 +10,7 @@ are the same strings.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..conversation import IMAGE_PLACEHOLDER
 from ..evaluation.mmbench import ANSWER_INSTRUCTIONS, OPTION_LETTERS
@@ -45,16 +45,21 @@ AMBIGUOUS_OBJECT_COLOURS = ("black",)
 
 @dataclass(frozen=True)
 class Question:
-    """An open question about a scene, its short answer, and its type (one of QUESTION_TYPES)."""
+    """An open question about a scene, its short answer, and its type (one of QUESTION_TYPES).
+
+    `with_instruction` appends LLaVA's short-answer instruction to the prompt, as the benchmarks
+    ask; some training questions go without it, so that a question asked plainly in a chat gets
+    the same short answer.
+    """
 
     question_type: str
     text: str
     answer: str
+    with_instruction: bool = True
 
     @property
     def prompt(self) -> str:
-        """The question as asked for a short answer (LLaVA's VQA instruction appended)."""
-        return f"{self.text}\n{SHORT_ANSWER_INSTRUCTION}"
+        return f"{self.text}\n{SHORT_ANSWER_INSTRUCTION}" if self.with_instruction else self.text
 
 
 @dataclass(frozen=True)
@@ -258,11 +263,20 @@ def caption_conversation(scene: Scene) -> list[dict]:
 
 
 def finetune_items(
-    scene: Scene, rng: random.Random, max_turns: int = 3, multiple_choice_rate: float = 0.25
+    scene: Scene,
+    rng: random.Random,
+    max_turns: int = 3,
+    multiple_choice_rate: float = 0.25,
+    plain_question_rate: float = 0.3,
 ) -> list[Question | MultipleChoice]:
-    """The questions of one instruction-tuning conversation, some turned into multiple choice."""
+    """The questions of one instruction-tuning conversation, some turned into multiple choice and
+    some open ones asked without the short-answer instruction."""
     items = []
     for question in pick_questions(scene, rng, max_turns):
-        as_choice = rng.random() < multiple_choice_rate
-        items.append(make_multiple_choice(question, rng) if as_choice else question)
+        if rng.random() < multiple_choice_rate:
+            items.append(make_multiple_choice(question, rng))
+        elif rng.random() < plain_question_rate:
+            items.append(replace(question, with_instruction=False))
+        else:
+            items.append(question)
     return items

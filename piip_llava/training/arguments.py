@@ -44,7 +44,7 @@ class StageOptions:
         image_folder: where the records' image paths are relative to.
         max_length: longest sample in tokens (image tokens included).
         conversation_format, image_aspect_ratio: default to the stage's recipe.
-        freeze_vision_branches, freeze_llm: stage-2 switches (see `TrainableParts`).
+        freeze_vision_branches, freeze_vision_tower, freeze_llm: stage-2 switches (see `TrainableParts`).
         lora_rank: LoRA on the LLM with this rank (0: train the full LLM weights).
         lora_alpha, lora_dropout: LoRA's scaling and dropout.
         scan_data: check every record before training, so the skipped-sample summary covers all of them.
@@ -58,6 +58,7 @@ class StageOptions:
     conversation_format: str | None = None
     image_aspect_ratio: str | None = None
     freeze_vision_branches: bool = False
+    freeze_vision_tower: bool = False
     freeze_llm: bool = False
     lora_rank: int = 0
     lora_alpha: int = 16
@@ -78,6 +79,7 @@ class StageOptions:
         self.trainable_parts = TrainableParts(
             stage=self.stage,
             freeze_vision_branches=self.freeze_vision_branches,
+            freeze_vision_tower=self.freeze_vision_tower,
             freeze_llm=self.freeze_llm,
             lora=self.lora_rank > 0,
         )

@@ -59,22 +59,27 @@ class TrainableParts:
     Args:
         stage: "pretrain" (stage 1) or "finetune" (stage 2).
         freeze_vision_branches: stage 2 only; keep the pretrained backbones fixed, the interactions still train.
+        freeze_vision_tower: stage 2 only; keep the whole encoder fixed, interactions included (LLaVA-1.5
+            keeps its CLIP fixed this way). The encoder then runs without building a backward graph.
         freeze_llm: stage 2 only; keep the language model fixed.
         lora: stage 2 only; the LLM trains through LoRA adapters instead of its full weights.
     """
 
     stage: str
     freeze_vision_branches: bool = False
+    freeze_vision_tower: bool = False
     freeze_llm: bool = False
     lora: bool = False
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
-        if self.stage == "pretrain" and (self.freeze_vision_branches or self.freeze_llm or self.lora):
+        if self.stage == "pretrain" and (
+            self.freeze_vision_branches or self.freeze_vision_tower or self.freeze_llm or self.lora
+        ):
             raise ValueError(
-                "Stage 1 (pretrain) trains only the projector; --freeze-vision-branches, --freeze-llm and LoRA "
-                "are stage-2 (finetune) options."
+                "Stage 1 (pretrain) trains only the projector; --freeze-vision-branches, --freeze-vision-tower, "
+                "--freeze-llm and LoRA are stage-2 (finetune) options."
             )
         if self.lora and self.freeze_llm:
             raise ValueError("LoRA trains the language model; it cannot be combined with --freeze-llm.")
@@ -83,9 +88,11 @@ class TrainableParts:
     def parts(self) -> frozenset[str]:
         if self.stage == "pretrain":
             return frozenset({PROJECTOR})
-        parts = {PROJECTOR, VISION_INTERACTIONS}
-        if not self.freeze_vision_branches:
-            parts.add(VISION_BRANCHES)
+        parts = {PROJECTOR}
+        if not self.freeze_vision_tower:
+            parts.add(VISION_INTERACTIONS)
+            if not self.freeze_vision_branches:
+                parts.add(VISION_BRANCHES)
         if self.lora:
             parts.add(LORA)
         elif not self.freeze_llm:

@@ -2,7 +2,8 @@
 
 Every branch maps an image to a `BranchState` (tokens on a grid, plus an optional class token)
 and runs any contiguous range of its blocks on that state. The pyramid model only ever talks to
-branches through this interface, so ViT-style and ConvNeXt backbones mix freely.
+branches through this interface, so ViT-style and convolutional (ConvNeXt, ResNet) backbones mix
+freely.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
 from transformers.models.convnext.modeling_convnext import ConvNextEmbeddings, ConvNextStage
+from transformers.models.resnet.modeling_resnet import ResNetEmbeddings, ResNetEncoder
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionEmbeddings
 
 from .configuration_piip import BranchSpec
@@ -151,15 +153,44 @@ class ViTBranch(nn.Module):
         return BranchState(tokens=hidden, grid=state.grid)
 
 
-class ConvNextBranch(nn.Module):
-    """transformers' ConvNext as a PIIP branch.
+class ConvolutionalBranch(nn.Module):
+    """What every convolutional branch shares: its blocks map a (batch, C, H, W) map to another, which
+    may change the grid and the width, so the state is rebuilt from the feature map after each range.
 
-    Its blocks are, stage by stage, the stage's downsampling layer (stages 2-4) followed by the
-    stage's ConvNeXt layers; blocks change the grid and the width, so the state is rebuilt from
-    the feature map after each block range.
+    Subclasses build `self.blocks` (a plain list, so parameters stay registered under their own
+    names) and `embed`.
     """
 
     gradient_checkpointing = False
+    blocks: list[nn.Module]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def _run_block(self, block: nn.Module, feature_map: torch.Tensor) -> torch.Tensor:
+        if isinstance(block, nn.ModuleList):  # a ConvNeXt downsampling layer: LayerNorm then strided conv
+            for layer in block:
+                feature_map = layer(feature_map)
+            return feature_map
+        return block(feature_map)
+
+    def run_blocks(self, state: BranchState, first: int, last: int) -> BranchState:
+        feature_map = state.feature_map()
+        for block in self.blocks[first : last + 1]:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                feature_map = self._gradient_checkpointing_func(self._run_block, block, feature_map)
+            else:
+                feature_map = self._run_block(block, feature_map)
+        return _state_from_map(feature_map)
+
+
+class ConvNextBranch(ConvolutionalBranch):
+    """transformers' ConvNext as a PIIP branch.
+
+    Its blocks are, stage by stage, the stage's downsampling layer (stages 2-4) followed by the
+    stage's ConvNeXt layers.
+    """
 
     def __init__(self, spec: BranchSpec):
         super().__init__()
@@ -186,7 +217,6 @@ class ConvNextBranch(nn.Module):
         self.blocks = self._flat_blocks()
 
     def _flat_blocks(self) -> list[nn.Module]:
-        """The branch's blocks in order; kept as a plain list so parameters stay under `stages`."""
         blocks = []
         for stage in self.stages:
             if len(stage.downsampling_layer):
@@ -194,30 +224,32 @@ class ConvNextBranch(nn.Module):
             blocks.extend(stage.layers)
         return blocks
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
     def embed(self, pixel_values: torch.Tensor) -> BranchState:
         weight = self.embeddings.patch_embeddings.weight
-        feature_map = self.embeddings(pixel_values.to(weight.dtype))
-        return _state_from_map(feature_map)
+        return _state_from_map(self.embeddings(pixel_values.to(weight.dtype)))
 
-    def _run_block(self, block: nn.Module, feature_map: torch.Tensor) -> torch.Tensor:
-        if isinstance(block, nn.ModuleList):  # downsampling layer: LayerNorm then strided conv
-            for layer in block:
-                feature_map = layer(feature_map)
-            return feature_map
-        return block(feature_map)
 
-    def run_blocks(self, state: BranchState, first: int, last: int) -> BranchState:
-        feature_map = state.feature_map()
-        for block in self.blocks[first : last + 1]:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                feature_map = self._gradient_checkpointing_func(self._run_block, block, feature_map)
-            else:
-                feature_map = self._run_block(block, feature_map)
-        return _state_from_map(feature_map)
+class ResNetBranch(ConvolutionalBranch):
+    """transformers' ResNet (basic or bottleneck layers, batch norm) as a PIIP branch.
+
+    Its blocks are the residual layers, stage by stage; the first layer of stages 2-4 downsamples.
+    Batch norm and full 3x3 convolutions make it learn far faster from random weights than a
+    ConvNeXt or a ViT of the same cost, which is what a model trained from nothing on a CPU needs.
+    Parameter names are `ResNetModel`'s, with `encoder.` dropped.
+    """
+
+    def __init__(self, spec: BranchSpec):
+        super().__init__()
+        config = spec.build_backbone_config()
+        self.backbone_config = config
+        self.image_size = spec.image_size
+        self.embedder = ResNetEmbeddings(config)
+        self.stages = ResNetEncoder(config).stages
+        self.blocks = [layer for stage in self.stages for layer in stage.layers]
+
+    def embed(self, pixel_values: torch.Tensor) -> BranchState:
+        weight = self.embedder.embedder.convolution.weight
+        return _state_from_map(self.embedder(pixel_values.to(weight.dtype)))
 
 
 def _state_from_map(feature_map: torch.Tensor) -> BranchState:
@@ -235,4 +267,6 @@ def linear_rates(last: float, count: int) -> list[float]:
 def build_branch(spec: BranchSpec, attn_implementation: str | None = None) -> nn.Module:
     if spec.is_convnext:
         return ConvNextBranch(spec)
+    if spec.is_resnet:
+        return ResNetBranch(spec)
     return ViTBranch(spec, attn_implementation=attn_implementation)

@@ -4,7 +4,7 @@ A PIIP encoder is a list of branches (pretrained backbones seeing one image at d
 resolutions, largest model / lowest resolution first) joined by interaction units between
 consecutive groups of their blocks. Each branch is described by a :class:`BranchSpec`; the
 branch's network itself is a standard transformers backbone config (CLIP vision, SigLIP vision,
-DINOv2 or ConvNext), stored as a plain dict so the whole config stays JSON.
+DINOv2, ConvNext or ResNet), stored as a plain dict so the whole config stays JSON.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ from transformers import AutoConfig, PreTrainedConfig
 
 VIT_BACKBONE_TYPES = ("clip_vision_model", "siglip_vision_model", "dinov2")
 CONVNEXT_BACKBONE_TYPES = ("convnext",)
+RESNET_BACKBONE_TYPES = ("resnet",)
+# Convolutional branches: a stem of stride 4, then stages that each halve the grid, so their
+# token grid and width change from stage to stage.
+CONV_BACKBONE_TYPES = CONVNEXT_BACKBONE_TYPES + RESNET_BACKBONE_TYPES
 INTERACTION_ATTENTION_TYPES = ("deform", "normal")
-CONVNEXT_STEM_STRIDE = 4
+CONV_STEM_STRIDE = 4
 
 
 @dataclass
@@ -49,13 +53,22 @@ class BranchSpec:
     def is_convnext(self) -> bool:
         return self.backbone_type in CONVNEXT_BACKBONE_TYPES
 
+    @property
+    def is_resnet(self) -> bool:
+        return self.backbone_type in RESNET_BACKBONE_TYPES
+
+    @property
+    def is_convolutional(self) -> bool:
+        """A branch whose grid and width change by stage (ConvNeXt, ResNet), as opposed to a ViT."""
+        return self.backbone_type in CONV_BACKBONE_TYPES
+
     def to_dict(self) -> dict:
         data = {
             "backbone_config": self.backbone_config,
             "image_size": self.image_size,
             "interaction_groups": [list(group) for group in self.interaction_groups],
         }
-        if not self.is_convnext:
+        if not self.is_convolutional:
             data.update(
                 patch_size=self.patch_size,
                 pretrain_grid_size=self.pretrain_grid_size,
@@ -67,31 +80,36 @@ class BranchSpec:
         """The transformers config of the branch network, adjusted to this branch's patch size and
         pretrained position grid (so the embedding tables have the stored shapes)."""
         options = {key: value for key, value in self.backbone_config.items() if key != "model_type"}
-        if not self.is_convnext:
+        if not self.is_convolutional:
             options["patch_size"] = self.patch_size
             options["image_size"] = self.pretrain_grid_size * self.patch_size
         return AutoConfig.for_model(self.backbone_type, **options)
 
     # ----- static geometry, used to size interaction units and to validate configs -----
     def num_blocks(self) -> int:
-        if self.is_convnext:
-            depths = self.backbone_config.get("depths", [3, 3, 9, 3])
-            return sum(depths) + len(depths) - 1
+        if self.is_convolutional:
+            return len(self.conv_block_stages())
         return self.backbone_config.get("num_hidden_layers", 12)
 
-    def convnext_block_stages(self) -> list[int]:
-        """Stage index of each ConvNeXt block, downsampling layers counted as blocks."""
+    def conv_block_stages(self) -> list[int]:
+        """Stage index of each block of a convolutional branch.
+
+        ConvNeXt's downsampling layers (stages 2-4) count as blocks of their own; a ResNet stage
+        downsamples inside its first layer, so its blocks are just its layers.
+        """
+        depths = self.build_backbone_config().depths
+        separate_downsampling = self.is_convnext
         stages = []
-        for stage, depth in enumerate(self.backbone_config.get("depths", [3, 3, 9, 3])):
-            stages.extend([stage] * (depth + (1 if stage > 0 else 0)))
+        for stage, depth in enumerate(depths):
+            stages.extend([stage] * (depth + (1 if separate_downsampling and stage > 0 else 0)))
         return stages
 
     def geometry_after_block(self, block_index: int) -> tuple[int, int]:
         """(width, grid side) of the branch's tokens after `block_index` has run."""
-        if self.is_convnext:
-            stage = self.convnext_block_stages()[block_index]
-            hidden_sizes = self.backbone_config.get("hidden_sizes", [96, 192, 384, 768])
-            return hidden_sizes[stage], self.image_size // (CONVNEXT_STEM_STRIDE * 2**stage)
+        if self.is_convolutional:
+            stage = self.conv_block_stages()[block_index]
+            hidden_sizes = self.build_backbone_config().hidden_sizes
+            return hidden_sizes[stage], self.image_size // (CONV_STEM_STRIDE * 2**stage)
         return self.backbone_config.get("hidden_size", 768), self.image_size // self.patch_size
 
     def final_geometry(self) -> tuple[int, int]:
@@ -212,14 +230,19 @@ def _normalise_branch(branch) -> dict:
         backbone = backbone.to_dict()
     backbone = {k: v for k, v in backbone.items() if not k.startswith("_") and k not in _BACKBONE_NOISE_KEYS}
     model_type = backbone.get("model_type")
-    if model_type not in VIT_BACKBONE_TYPES + CONVNEXT_BACKBONE_TYPES:
+    if model_type not in VIT_BACKBONE_TYPES + CONV_BACKBONE_TYPES:
         raise ValueError(
             f"Unsupported branch backbone model_type {model_type!r}; supported: "
-            f"{', '.join(VIT_BACKBONE_TYPES + CONVNEXT_BACKBONE_TYPES)}."
+            f"{', '.join(VIT_BACKBONE_TYPES + CONV_BACKBONE_TYPES)}."
+        )
+    if model_type in RESNET_BACKBONE_TYPES and backbone.get("downsample_in_first_stage", False):
+        raise ValueError(
+            "A ResNet branch needs downsample_in_first_stage false: PIIP expects a stem of stride 4 and a "
+            "first stage that keeps its grid."
         )
     branch["backbone_config"] = backbone
     branch["interaction_groups"] = [list(group) for group in branch["interaction_groups"]]
-    if model_type not in CONVNEXT_BACKBONE_TYPES:
+    if model_type not in CONV_BACKBONE_TYPES:
         patch_size = branch.get("patch_size") or backbone.get("patch_size", 16)
         branch["patch_size"] = patch_size
         if branch.get("pretrain_grid_size") is None:
@@ -269,12 +292,12 @@ def _validate_branch(index: int, spec: BranchSpec) -> None:
             f"Branch {index}: interaction groups {spec.interaction_groups} cover blocks 0..{expected_first - 1} but the "
             f"{spec.backbone_type} backbone has {num_blocks} blocks (0..{num_blocks - 1})."
         )
-    if spec.is_convnext:
-        stride = CONVNEXT_STEM_STRIDE * 2 ** (len(spec.backbone_config.get("depths", [3, 3, 9, 3])) - 1)
+    if spec.is_convolutional:
+        stride = CONV_STEM_STRIDE * 2 ** (len(spec.build_backbone_config().depths) - 1)
         if spec.image_size % stride:
             raise ValueError(
-                f"Branch {index}: image size {spec.image_size} cannot be tiled by the ConvNeXt's total stride {stride}; "
-                f"use a multiple of {stride}."
+                f"Branch {index}: image size {spec.image_size} cannot be tiled by the {spec.backbone_type} backbone's "
+                f"total stride {stride}; use a multiple of {stride}."
             )
     elif spec.image_size % spec.patch_size:
         raise ValueError(

@@ -13,7 +13,7 @@ from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 from transformers.models.convnext.modeling_convnext import ConvNextLayer
 from transformers.utils import ModelOutput, logging
 
-from .branches import BranchState, ConvNextBranch, ViTBranch, build_branch, linear_rates
+from .branches import BranchState, ConvNextBranch, ResNetBranch, ViTBranch, build_branch, linear_rates
 from .configuration_piip import PIIPVisionConfig
 from .interactions import BidirectionalInteractionUnit, DeformableCrossAttention, Injector
 from .pretrained_branches import build_from_pretrained_branches
@@ -68,7 +68,14 @@ class PIIPPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["CLIPEncoderLayer", "SiglipEncoderLayer", "ConvNextLayer", "BidirectionalInteractionUnit"]
+    _no_split_modules = [
+        "CLIPEncoderLayer",
+        "SiglipEncoderLayer",
+        "ConvNextLayer",
+        "ResNetBasicLayer",
+        "ResNetBottleNeckLayer",
+        "BidirectionalInteractionUnit",
+    ]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -92,6 +99,15 @@ class PIIPPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ConvNextLayer):
             if module.layer_scale_parameter is not None:
                 init.constant_(module.layer_scale_parameter, self.convnext_layer_scale_init())
+        elif isinstance(module, nn.Conv2d) and self.is_resnet_convolution(module):
+            # ResNet's own He init rather than the small normal init below, as transformers' ResNet does.
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
         elif isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
@@ -103,6 +119,12 @@ class PIIPPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+
+    def is_resnet_convolution(self, module: nn.Module) -> bool:
+        """Whether `module` belongs to a ResNet branch. Asked of the convolution itself: the init pass
+        skips modules without parameters of their own, such as ResNet's conv + norm layers."""
+        resnet_branches = [branch for branch in getattr(self, "branches", ()) if isinstance(branch, ResNetBranch)]
+        return any(module is candidate for branch in resnet_branches for candidate in branch.modules())
 
     def convnext_layer_scale_init(self) -> float:
         values = [
@@ -154,6 +176,20 @@ class PIIPVisionModel(PIIPPreTrainedModel):
         """
         return build_from_pretrained_branches(branch_dirs, image_sizes, interaction_groups, patch_sizes, **config_kwargs)
 
+    def train(self, mode: bool = True) -> PIIPVisionModel:
+        """Training mode, except for batch-norm layers whose weights are frozen.
+
+        A frozen ResNet branch should compute what it computed when it was trained; in training mode
+        its batch norms would normalise with each batch's statistics and overwrite their running ones,
+        so they stay in evaluation mode, as frozen backbones with batch norm usually do.
+        """
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d) and module.weight is not None and not module.weight.requires_grad:
+                    module.eval()
+        return self
+
     def resize_for_branches(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The input at each branch's resolution (bilinear, align_corners=False, no antialiasing)."""
         resized = []
@@ -191,7 +227,7 @@ class PIIPVisionModel(PIIPPreTrainedModel):
                 branch.backbone_config._attn_implementation = wanted
 
     def compilable_blocks(self) -> list[nn.Module]:
-        """The modules `compile_blocks` compiles: every transformer / ConvNeXt layer and every interaction unit."""
+        """The modules `compile_blocks` compiles: every transformer / ConvNeXt / ResNet layer and every interaction unit."""
         blocks = []
         for branch in self.branches:
             if isinstance(branch, ViTBranch):
@@ -230,4 +266,11 @@ class PIIPVisionModel(PIIPPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
-__all__ = ["ConvNextBranch", "PIIPPreTrainedModel", "PIIPVisionModel", "PIIPVisionModelOutput", "ViTBranch"]
+__all__ = [
+    "ConvNextBranch",
+    "PIIPPreTrainedModel",
+    "PIIPVisionModel",
+    "PIIPVisionModelOutput",
+    "ResNetBranch",
+    "ViTBranch",
+]

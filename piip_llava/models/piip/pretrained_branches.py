@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging
 
-from .configuration_piip import _BACKBONE_NOISE_KEYS, CONVNEXT_BACKBONE_TYPES, PIIPVisionConfig
+from .configuration_piip import _BACKBONE_NOISE_KEYS, CONV_BACKBONE_TYPES, PIIPVisionConfig
 
 logger = logging.get_logger(__name__)
 
@@ -47,7 +47,7 @@ def branch_dict_from_pretrained(
         if not key.startswith("_") and key not in _BACKBONE_NOISE_KEYS
     }
     branch = {"backbone_config": backbone, "image_size": image_size, "interaction_groups": interaction_groups}
-    if backbone["model_type"] not in CONVNEXT_BACKBONE_TYPES:
+    if backbone["model_type"] not in CONV_BACKBONE_TYPES:
         branch["patch_size"] = patch_size or backbone["patch_size"]
         branch["pretrain_grid_size"] = backbone["image_size"] // backbone["patch_size"]
         if use_cls_token is not None:
@@ -61,7 +61,7 @@ def branch_state_dict(backbone_type: str, backbone_state: dict[str, torch.Tensor
     for name, tensor in backbone_state.items():
         if name.startswith(UNUSED_BACKBONE_PREFIXES):
             continue
-        if backbone_type in CONVNEXT_BACKBONE_TYPES:
+        if backbone_type in CONV_BACKBONE_TYPES:
             name = name.replace("encoder.stages.", "stages.")
         else:
             name = name.replace("pre_layrnorm.", "pre_layernorm.").replace("encoder.layers.", "layers.")

@@ -25,7 +25,14 @@ from .projector import PIIPMultiBranchProjector
 class PIIPLlavaPreTrainedModel(LlavaPreTrainedModel):
     config: PIIPLlavaConfig
     config_class = PIIPLlavaConfig
-    _no_split_modules = ["LlamaDecoderLayer", "BidirectionalInteractionUnit", "CLIPEncoderLayer", "ConvNextLayer"]
+    _no_split_modules = [
+        "LlamaDecoderLayer",
+        "BidirectionalInteractionUnit",
+        "CLIPEncoderLayer",
+        "ConvNextLayer",
+        "ResNetBasicLayer",
+        "ResNetBottleNeckLayer",
+    ]
 
 
 class PIIPLlavaModel(PIIPLlavaPreTrainedModel, LlavaModel):

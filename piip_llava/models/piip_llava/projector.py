@@ -9,6 +9,15 @@ from torch import nn
 PROJECTOR_NORMS = ("group_norm", "layer_norm")
 
 
+def resize_to_grid(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A (batch, C, H, W) map resized to `grid` as the released projector does it: bilinear,
+    align_corners=False, no antialiasing, in fp32; a map already on the grid is returned as is."""
+    if tuple(feature_map.shape[-2:]) == tuple(grid):
+        return feature_map
+    resized = F.interpolate(feature_map.float(), size=grid, mode="bilinear", align_corners=False)
+    return resized.to(feature_map.dtype)
+
+
 class BranchProjector(nn.Module):
     """Linear -> norm over channels -> GELU -> Linear for one branch's tokens."""
 
@@ -66,10 +75,6 @@ class PIIPMultiBranchProjector(nn.Module):
         grid = (side, side) if side is not None else tuple(feature_maps[-1].shape[-2:])
         projected = None
         for feature_map, projector in zip(feature_maps, self.branches):
-            if tuple(feature_map.shape[-2:]) != grid:
-                dtype = feature_map.dtype
-                feature_map = F.interpolate(feature_map.float(), size=grid, mode="bilinear", align_corners=False)
-                feature_map = feature_map.to(dtype)
-            tokens = projector(feature_map.flatten(2).transpose(1, 2))
+            tokens = projector(resize_to_grid(feature_map, grid).flatten(2).transpose(1, 2))
             projected = tokens if projected is None else projected + tokens
         return projected
