@@ -164,15 +164,16 @@ class ConvolutionalBranch(nn.Module):
     gradient_checkpointing = False
     blocks: list[nn.Module]
 
+    def __init__(self, spec: BranchSpec):
+        super().__init__()
+        self.backbone_config = spec.build_backbone_config()
+        self.image_size = spec.image_size
+
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
     def _run_block(self, block: nn.Module, feature_map: torch.Tensor) -> torch.Tensor:
-        if isinstance(block, nn.ModuleList):  # a ConvNeXt downsampling layer: LayerNorm then strided conv
-            for layer in block:
-                feature_map = layer(feature_map)
-            return feature_map
         return block(feature_map)
 
     def run_blocks(self, state: BranchState, first: int, last: int) -> BranchState:
@@ -193,10 +194,8 @@ class ConvNextBranch(ConvolutionalBranch):
     """
 
     def __init__(self, spec: BranchSpec):
-        super().__init__()
-        config = spec.build_backbone_config()
-        self.backbone_config = config
-        self.image_size = spec.image_size
+        super().__init__(spec)
+        config = self.backbone_config
         self.embeddings = ConvNextEmbeddings(config)
         layer_rates = linear_rates(config.drop_path_rate, sum(config.depths))
         stage_starts = [sum(config.depths[:stage]) for stage in range(len(config.depths))]
@@ -228,6 +227,13 @@ class ConvNextBranch(ConvolutionalBranch):
         weight = self.embeddings.patch_embeddings.weight
         return _state_from_map(self.embeddings(pixel_values.to(weight.dtype)))
 
+    def _run_block(self, block: nn.Module, feature_map: torch.Tensor) -> torch.Tensor:
+        if isinstance(block, nn.ModuleList):  # a downsampling layer: LayerNorm then strided conv
+            for layer in block:
+                feature_map = layer(feature_map)
+            return feature_map
+        return block(feature_map)
+
 
 class ResNetBranch(ConvolutionalBranch):
     """transformers' ResNet (basic or bottleneck layers, batch norm) as a PIIP branch.
@@ -239,12 +245,9 @@ class ResNetBranch(ConvolutionalBranch):
     """
 
     def __init__(self, spec: BranchSpec):
-        super().__init__()
-        config = spec.build_backbone_config()
-        self.backbone_config = config
-        self.image_size = spec.image_size
-        self.embedder = ResNetEmbeddings(config)
-        self.stages = ResNetEncoder(config).stages
+        super().__init__(spec)
+        self.embedder = ResNetEmbeddings(self.backbone_config)
+        self.stages = ResNetEncoder(self.backbone_config).stages
         self.blocks = [layer for stage in self.stages for layer in stage.layers]
 
     def embed(self, pixel_values: torch.Tensor) -> BranchState:
