@@ -50,9 +50,10 @@ class Recipe:
     batch_size: int = 16
     encoder_pretraining_steps: int = 2500
     language_pretraining_epochs: float = 0.5
-    # Stage 2 keeps the whole pretrained encoder fixed, as LLaVA-1.5 keeps its CLIP: the encoder then
-    # runs without a backward graph and a stage-2 step costs about half as much, so the same time buys
-    # twice the steps. Without it, `freeze_vision_branches` keeps only the backbones fixed.
+    # Stage 2 keeps the whole pretrained encoder fixed, as LLaVA-1.5 keeps its CLIP, so the encoder runs
+    # without a backward graph. Measured: 1.1 against 1.0 stage-2 steps/s with the interactions
+    # training; the LLM on multi-turn prompts dominates. Without it, `freeze_vision_branches` keeps
+    # only the backbones fixed.
     freeze_vision_tower: bool = True
     freeze_vision_branches: bool = True
     # Add every caption to stage 2 as a "describe the image" turn (see `write_instruction_mix`).
