@@ -20,7 +20,7 @@ $(VENV)/installed: setup.py
 	touch $@
 
 # What runs without any weights: parameters and GFLOPs of every published PIIP-LLaVA encoder,
-# computed on the meta device (until the bundled demo model ships, see README).
+# computed on the meta device.
 demo: $(VENV)/installed
 	for variant in $(PUBLISHED); do $(VENV)/bin/piip-llava flops piip_vision_$$variant || exit 1; echo; done
 
@@ -34,7 +34,7 @@ test: $(VENV)/installed
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check piip_llava tests scripts benchmarks eval
 
-# Retrain the bundled demo model from scratch (about 25 minutes on 2 cores) and install it.
+# Retrain the bundled demo model from scratch (27 minutes on 2 cores) and install it.
 demo-model: $(VENV)/installed
 	$(PY) scripts/train_demo_model.py --work-dir outputs/demo --install
 

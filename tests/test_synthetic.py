@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from piip_llava.conversation import VICUNA_SYSTEM
 from piip_llava.evaluation.mmbench import load_mmbench_items, read_mmbench_table, score_mmbench
 from piip_llava.evaluation.textvqa import load_annotations, questions_from_jsonl, score_textvqa
 from piip_llava.synthetic import commands, export_dataset, tokenizer_corpus
@@ -28,8 +29,10 @@ from piip_llava.synthetic.questions import (
     Question,
     all_questions,
     caption,
+    drill_items,
     make_multiple_choice,
     questions_of_type,
+    scene_statements,
 )
 from piip_llava.synthetic.scenes import (
     PALETTE,
@@ -142,6 +145,32 @@ def test_ambiguous_questions_are_not_asked():
     assert texts["What colour is the square?"] == "black"
     assert texts["How many circles are there?"] == "2"
     assert texts["How many shapes are there?"] == "3"
+
+
+def test_drill_items_ask_every_question_of_the_scene_up_to_the_turn_limit():
+    scene = generate_scene(random.Random(11))
+    every = {question.text for question in all_questions(scene)}
+    items = drill_items(scene, random.Random(0), max_turns=len(every) + 5, multiple_choice_rate=0.0,
+                        plain_question_rate=0.0)
+    assert {item.text for item in items} == every and len(items) == len(all_questions(scene))
+    capped = drill_items(scene, random.Random(0), max_turns=2)
+    assert len(capped) == 2
+
+
+def test_scene_statements_label_each_unique_shape_with_its_attributes():
+    listed = 0
+    for seed in range(30):
+        scene = generate_scene(random.Random(seed))
+        statements = scene_statements(scene, random.Random(seed))
+        unique = [shape for shape in scene.shapes
+                  if len(scene.shapes_of_kind(shape.kind)) == 1 and len(scene.shapes_of_colour(shape.colour)) == 1]
+        entries = [entry.split() for entry in statements.rstrip(".").split("; ")] if statements else []
+        assert len(entries) == len(unique)
+        for first, second, position in entries:
+            (shape,) = [shape for shape in unique if {first, second} == {shape.kind, shape.colour}]
+            assert position == shape.position
+        listed += len(entries)
+    assert listed > 0
 
 
 def test_multiple_choice_letter_points_at_the_answer():
@@ -257,7 +286,8 @@ def test_tokenizer_corpus_covers_every_answer_without_placeholders(export_dir):
     words = set(" ".join(corpus).split())
     assert {*PALETTE, *WORDS, "circle", "crosses", "centre"} <= words
     assert not any("<image>" in text for text in corpus)
-    assert len(corpus) == len(set(corpus))
+    # Texts come at the frequency training sees them: the system prompt once per conversation.
+    assert sum(VICUNA_SYSTEM in text for text in corpus) == len(json.loads((export_dir / "finetune.json").read_text())) + 1
     with pytest.raises(ValueError, match="pretrain.json is missing"):
         tokenizer_corpus(export_dir / "eval")
 

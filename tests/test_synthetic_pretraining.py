@@ -6,23 +6,26 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piip_llava.models.piip import PIIPVisionModel
 from piip_llava.synthetic import export_dataset
-from piip_llava.synthetic.pipeline import Recipe, build_llm, stage2_records, write_questions_without_text
+from piip_llava.synthetic.pipeline import Recipe, build_llm, pretrain_llm, stage2_records, write_questions_without_text
 from piip_llava.synthetic.pretraining import (
     METRICS_FILE,
     SCENE_ATTRIBUTES,
+    CellAttributeEmbedding,
+    CellTokenConversations,
     EncoderPretraining,
     LanguagePretraining,
     SceneAttributeHeads,
     attribute_loss,
-    language_documents,
+    cell_token_loss,
     pretrain_encoder,
     pretrain_language_model,
     scene_targets,
 )
+from piip_llava.synthetic.questions import qa_conversation, questions_of_type
 from piip_llava.synthetic.scenes import Scene, SceneText, Shape, generate_scene
 
 TINY_CONFIG = "configs/tiny_convnext_clip.json"
@@ -46,10 +49,14 @@ def test_targets_put_each_attribute_in_its_cell_and_right_align_digits():
     assert SCENE_ATTRIBUTES["shape_size"][targets["shape_size"][right]] == "small"
     assert SCENE_ATTRIBUTES["text"][targets["text"][bottom_left]] == "number"
     assert SCENE_ATTRIBUTES["text_size"][targets["text_size"][bottom_left]] == "small"
+    assert SCENE_ATTRIBUTES["shape_position"][targets["shape_position"][right]] == "right"
+    assert SCENE_ATTRIBUTES["object"][targets["object"][top]] == "red circle"
+    assert SCENE_ATTRIBUTES["object_position"][targets["object_position"][right]] == "blue star right"
     digits = [SCENE_ATTRIBUTES[f"digit_{place}"][targets[f"digit_{place}"][bottom_left]] for place in range(3)]
     assert digits == ["none", "4", "7"]
     # Every other cell holds nothing, for every attribute.
     occupied = {"shape_kind": {top, right}, "shape_colour": {top, right}, "shape_size": {top, right},
+                "shape_position": {top, right}, "object": {top, right}, "object_position": {top, right},
                 "text": {bottom_left}, "text_size": {bottom_left}, "digit_0": set(), "digit_1": {bottom_left},
                 "digit_2": {bottom_left}}
     for name, cells in occupied.items():
@@ -100,19 +107,82 @@ def small_export(tmp_path_factory):
     return data_dir
 
 
-def test_language_pretraining_learns_the_dataset_texts(small_export, tmp_path):
-    recipe = Recipe(vocab_size=300)
-    random_dir = build_llm(tmp_path / "llm_random", small_export, recipe)
-    documents = language_documents(small_export)
-    assert len(documents) == 48 and all("<image>" not in document for document in documents)
-    out_dir = pretrain_language_model(random_dir, small_export, tmp_path / "llm",
-                                      LanguagePretraining(epochs=4, batch_size=8, learning_rate=3e-3))
+def test_cell_tokens_take_the_image_tokens_places(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    tokenizer = AutoTokenizer.from_pretrained(random_dir)
+    model = AutoModelForCausalLM.from_pretrained(random_dir).eval()
+    conversations = CellTokenConversations(tokenizer, max_length=512)
+    scene = generate_scene(random.Random(3))
+    other = generate_scene(random.Random(4))
+    sample = conversations.encode(qa_conversation(questions_of_type(scene, "count")[:1]), "vicuna_v1")
+    image_positions = [position for position, token in enumerate(sample[0]) if token == conversations.image_token_id]
+    assert len(image_positions) == 9 and image_positions == list(range(image_positions[0], image_positions[0] + 9))
+    supervised = [token for token, label in zip(*sample) if label != -100]
+    assert tokenizer.decode(supervised).strip() == f"{len(scene.shapes)}</s>"
+    cell_embedding = CellAttributeEmbedding(tokenizer, model.get_input_embeddings())
+    with torch.no_grad():
+        logits = cell_token_loss(model, cell_embedding, conversations.batch([sample], [scene]),
+                                 conversations.image_token_id).logits
+        other_logits = cell_token_loss(model, cell_embedding, conversations.batch([sample], [other]),
+                                       conversations.image_token_id).logits
+    first = image_positions[0]
+    # Causal: the text before the image cannot see the cells; everything from the first cell on does.
+    assert torch.equal(logits[0, :first], other_logits[0, :first])
+    assert not torch.allclose(logits[0, image_positions[-1]:], other_logits[0, image_positions[-1]:])
+
+
+def test_cell_tokens_start_from_the_words_of_each_attribute_and_conjunctions_from_random_vectors(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    tokenizer = AutoTokenizer.from_pretrained(random_dir)
+    words = AutoModelForCausalLM.from_pretrained(random_dir).get_input_embeddings()
+    cell_embedding = CellAttributeEmbedding(tokenizer, words)
+    assert torch.count_nonzero(cell_embedding.offsets["shape_colour"].weight) == 0
+    conjunction = cell_embedding.offsets["object"].weight
+    assert torch.count_nonzero(conjunction[0]) == 0 and torch.count_nonzero(conjunction[1:]) == conjunction[1:].numel()
+    scene = scene_with([Shape(kind="circle", colour="red", size="large", position="top", centre=(128, 42), radius=30)],
+                       None)
+    targets = {name: torch.tensor([values]) for name, values in scene_targets(scene).items()}
+    with torch.no_grad():
+        cells = cell_embedding(targets, words)[0]
+    top = 1
+    expected = sum(words(torch.tensor(tokenizer(word, add_special_tokens=False)["input_ids"])).mean(0)
+                   for word in ("circle", "red", "large", "top"))
+    expected = expected + cell_embedding.offsets["object"].weight[SCENE_ATTRIBUTES["object"].index("red circle")]
+    expected = expected + cell_embedding.offsets["object_position"].weight[
+        SCENE_ATTRIBUTES["object_position"].index("red circle top")]
+    assert torch.allclose(cells[top], expected, atol=1e-6)
+    assert torch.count_nonzero(cells[0]) == 0  # an empty cell is the zero vector until training moves "none"
+
+
+def test_question_loss_supervises_the_turns_after_the_image_but_measuring_keeps_answers_only(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    tokenizer = AutoTokenizer.from_pretrained(random_dir)
+    conversations = CellTokenConversations(tokenizer, max_length=512, question_loss=True)
+    scene = generate_scene(random.Random(3))
+    conversation = qa_conversation(questions_of_type(scene, "count")[:1])
+    input_ids, labels = conversations.encode(conversation, "vicuna_v1")
+    last_image = max(position for position, token in enumerate(input_ids) if token == conversations.image_token_id)
+    assert all(label == -100 for label in labels[:last_image + 1])
+    assert labels[last_image + 1:] == input_ids[last_image + 1:]
+    assert "How many shapes are there?" in tokenizer.decode(labels[last_image + 1:])
+    _, answer_labels = conversations.encode(conversation, "vicuna_v1", answers_only=True)
+    assert tokenizer.decode([label for label in answer_labels if label != -100]).strip() == f"{len(scene.shapes)}</s>"
+
+
+def test_language_pretraining_learns_to_answer_from_cell_tokens(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    settings = LanguagePretraining(steps=30, batch_size=8, learning_rate=3e-3, check_scenes=4, max_length=1024,
+                                   max_turns=3)
+    out_dir = pretrain_language_model(random_dir, tmp_path / "llm", settings)
     metrics = json.loads((out_dir / METRICS_FILE).read_text())
     assert metrics["final_loss"] < metrics["first_loss"] - 1.0
+    accuracy = metrics["held_out_answer_accuracy"]
+    assert {"colour", "count", "position"} <= set(accuracy) and all(0 <= value <= 1 for value in accuracy.values())
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(random_dir).config.vocab_size
+    assert AutoTokenizer.from_pretrained(out_dir).get_vocab() == AutoTokenizer.from_pretrained(random_dir).get_vocab()
     stamp = (out_dir / "model.safetensors").stat().st_mtime_ns
-    pretrain_language_model(random_dir, small_export, out_dir)
+    pretrain_language_model(random_dir, out_dir, settings)
     assert (out_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -121,9 +191,15 @@ def test_language_pretraining_replaces_an_unfinished_or_foreign_directory(small_
     out_dir = tmp_path / "llm"
     out_dir.mkdir()
     (out_dir / "config.json").write_text("{}")
-    pretrain_language_model(random_dir, small_export, out_dir, LanguagePretraining(epochs=0.5, batch_size=8))
+    settings = LanguagePretraining(steps=2, batch_size=4, check_scenes=2, max_length=1024, max_turns=2)
+    pretrain_language_model(random_dir, out_dir, settings)
     assert (out_dir / METRICS_FILE).exists()
     assert AutoModelForCausalLM.from_pretrained(out_dir).config.vocab_size > 0
+
+
+def test_language_pretraining_needs_one_image_token_per_cell(small_export, tmp_path):
+    with pytest.raises(ValueError, match="projector_grid must be 3"):
+        pretrain_llm(tmp_path, small_export, Recipe(projector_grid=0))
 
 
 def test_recipe_options_parse_from_the_command_line_including_switches():

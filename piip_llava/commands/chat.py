@@ -70,8 +70,11 @@ class ChatSession:
         self.generation_options = generation_options
         self.messages: list[dict] = []
 
-    def ask(self, question: str, stream=sys.stdout) -> str:
+    def ask(self, question: str, stream=None) -> str:
+        """Answer one turn, writing the answer to `stream` (the current `sys.stdout` by default) as it is generated."""
         from transformers import TextIteratorStreamer
+
+        stream = sys.stdout if stream is None else stream
 
         if not self.messages:
             content = [{"type": "image"}, {"type": "text", "text": question}]

@@ -12,7 +12,12 @@ their parts the pretraining real ones have, in miniature:
   the scene's 3x3 grid holds (shape kind, colour and size; the printed word or each digit of the
   number and its size class) from linear heads on its final feature maps, on freshly generated
   scenes that never repeat and never coincide with the exported training or evaluation images;
-- the LLM learns the dataset's language (captions, questions and answers) as plain text.
+- the LLM learns the dataset's language and, above all, to answer from image tokens: captions and
+  question turns about fresh scenes, in the stage-1 and stage-2 prompt formats, with each of the
+  9 image tokens replaced by a learned linear code of its cell's true attributes
+  (`CellAttributeEmbedding`). Trained on plain text instead, the LLM still had to discover in
+  stage 2 how to find the cell a question names among the image tokens; within the CPU budget it
+  did not for position questions (4% against 20% chance) and barely for colour and shape.
 
 Both then go through the usual `piip-llava train init`, stage 1 and stage 2.
 """
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +39,23 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging
 
+from ..conversation import IMAGE_PLACEHOLDER, get_conversation_format
 from ..models.piip import PIIPVisionConfig, PIIPVisionModel
 from ..models.piip.image_processing_piip import PIIPImageProcessor
 from ..models.piip_llava.projector import resize_to_grid
-from .export import conversation_texts, item_rng
+from ..training.data import expand_image_tokens, single_token_id, tokenize_with_labels, truncate_sample
+from ..training.records import record_conversation_messages
+from .export import item_rng
+from .questions import (
+    QUESTION_TYPES,
+    Question,
+    caption_conversation,
+    drill_items,
+    finetune_items,
+    qa_conversation,
+    questions_of_type,
+    scene_statements,
+)
 from .scenes import (
     PALETTE,
     SHAPE_KINDS,
@@ -64,10 +83,18 @@ SCENE_ATTRIBUTES = {
     "shape_kind": (NONE, *SHAPE_KINDS),
     "shape_colour": (NONE, *PALETTE),
     "shape_size": (NONE, *SHAPE_SIZES),
+    "shape_position": (NONE, *SHAPE_POSITIONS),
+    # Conjunctions: which colour goes with which kind (and where). With them the tokens of a scene, summed,
+    # still say which shape is red; without them a sum of cells is a bag of colours and a bag of kinds.
+    "object": (NONE, *(f"{colour} {kind}" for colour in PALETTE for kind in SHAPE_KINDS)),
+    "object_position": (NONE, *(f"{colour} {kind} {position}" for colour in PALETTE for kind in SHAPE_KINDS
+                                for position in SHAPE_POSITIONS)),
     "text": (NONE, *WORDS, "number"),
     "text_size": (NONE, *TEXT_SIZE_CLASSES),
     **{f"digit_{place}": (NONE, *"0123456789") for place in range(NUMBER_DIGITS)},
 }
+# Attributes whose classes are combinations of others: they have no word of their own in the LLM.
+CONJUNCTIONS = ("object", "object_position")
 
 
 def cell_index(row_column: tuple[int, int]) -> int:
@@ -80,9 +107,16 @@ def scene_targets(scene: Scene) -> dict[str, list[int]]:
     targets = {name: [0] * CELL_GRID**2 for name in SCENE_ATTRIBUTES}
     for shape in scene.shapes:
         cell = cell_index(SHAPE_POSITIONS[shape.position])
-        targets["shape_kind"][cell] = SCENE_ATTRIBUTES["shape_kind"].index(shape.kind)
-        targets["shape_colour"][cell] = SCENE_ATTRIBUTES["shape_colour"].index(shape.colour)
-        targets["shape_size"][cell] = SCENE_ATTRIBUTES["shape_size"].index(shape.size)
+        classes = {
+            "shape_kind": shape.kind,
+            "shape_colour": shape.colour,
+            "shape_size": shape.size,
+            "shape_position": shape.position,
+            "object": f"{shape.colour} {shape.kind}",
+            "object_position": f"{shape.colour} {shape.kind} {shape.position}",
+        }
+        for name, label in classes.items():
+            targets[name][cell] = SCENE_ATTRIBUTES[name].index(label)
     text = scene.text
     if text is not None:
         cell = cell_index(TEXT_POSITIONS[text.position])
@@ -255,27 +289,190 @@ def pretrain_encoder(vision_config_file: str | os.PathLike, out_dir: str | os.Pa
 
 @dataclass
 class LanguagePretraining:
-    """How the LLM learns the dataset's language: causal LM on the training texts, AdamW, cosine decay."""
+    """How the LLM learns to answer from cell tokens: causal LM on fresh scenes' conversations, AdamW, cosine decay.
 
-    epochs: float = 0.5
+    The defaults are what taught a 4-layer, 256-wide LLM most lookups within a CPU budget (see
+    docs/training.md): captions (10%) and conversations of up to 12 of the scene's questions, mostly
+    without the short-answer instruction (shorter turns, more answers per token), 80% of them with a
+    "List the shapes." turn answered by `scene_statements`, the questions themselves predicted too
+    (`question_loss`). The demo recipe stops at 300 steps to leave the time to stage 2.
+    """
+
+    steps: int = 450
     batch_size: int = 32
     learning_rate: float = 2e-3
-    max_length: int = 128
+    caption_rate: float = 0.1
+    # Share of question conversations with a "List the shapes." turn answered by `scene_statements`.
+    statement_rate: float = 0.8
+    max_turns: int = 12
+    # "pick": questions of distinct types, as in stage 2 (`finetune_items`); "all": every question of the
+    # scene, repeats of a type included (`drill_items`).
+    question_pool: str = "all"
+    multiple_choice_rate: float = 0.1
+    plain_question_rate: float = 0.7
+    # Also predict the user's questions after the image, not only the answers (see `CellTokenConversations`).
+    question_loss: bool = True
+    max_length: int = 320
+    check_scenes: int = 96
     seed: int = 0
+    device: str = "cpu"
 
 
-def language_documents(data_dir: Path) -> list[str]:
-    """One document per training record: a caption, or a record's questions and answers in order."""
-    documents = []
-    for name in ("pretrain.json", "finetune.json"):
-        for record in json.loads((data_dir / name).read_text(encoding="utf-8")):
-            documents.append(" ".join(conversation_texts([record])))
-    return documents
+class CellAttributeEmbedding(nn.Module):
+    """Stand-in image tokens for language pretraining: each grid cell as the sum of its attributes' word embeddings.
+
+    The mirror image of `SceneAttributeHeads`: the encoder learns to lay each cell's attributes out
+    linearly in its features, and these tokens are such a linear layout of the true attributes. An
+    LLM that learns to answer from them has learnt the hard part of the task (find the cell a
+    question names among the image tokens and read an attribute from it) before it ever sees an
+    image; stage 1 then only has to make the projector write the encoder's features in a form the
+    LLM reads. Each attribute's class contributes the LLM's own embedding of its name ("red",
+    "circle", a digit), so the cell holding a circle starts out looking like the word in "What
+    colour is the circle?", plus a learned offset per attribute and class (zero at first) that tells,
+    say, a shape's "large" from the text's or the first digit from the second. Used during
+    pretraining only, never saved.
+    """
+
+    def __init__(self, tokenizer, word_embeddings: nn.Embedding):
+        super().__init__()
+        hidden_size = word_embeddings.embedding_dim
+        self.offsets = nn.ModuleDict(
+            {name: nn.Embedding(len(classes), hidden_size) for name, classes in SCENE_ATTRIBUTES.items()}
+        )
+        word_scale = float(word_embeddings.weight.detach().std())
+        for name, offset in self.offsets.items():
+            # A conjunction has no word to start from: it starts as a random vector of a word's scale.
+            if name in CONJUNCTIONS:
+                nn.init.normal_(offset.weight, std=word_scale)
+                offset.weight.data[0] = 0
+            else:
+                nn.init.zeros_(offset.weight)
+        for name, classes in SCENE_ATTRIBUTES.items():
+            # "nothing here" and the conjunctions have no word: their rows stay empty (the offset alone).
+            token_ids = [[] if label == NONE or name in CONJUNCTIONS else tokenizer(label, add_special_tokens=False)["input_ids"]
+                         for label in classes]
+            width = max(1, max(len(ids) for ids in token_ids))
+            self.register_buffer(f"{name}_token_ids", torch.tensor([ids + [0] * (width - len(ids)) for ids in token_ids]),
+                                 persistent=False)
+            weights = [[1 / len(ids)] * len(ids) + [0.0] * (width - len(ids)) if ids else [0.0] * width for ids in token_ids]
+            self.register_buffer(f"{name}_token_weights", torch.tensor(weights), persistent=False)
+
+    def forward(self, targets: dict[str, torch.Tensor], word_embeddings: nn.Embedding) -> torch.Tensor:
+        """{attribute: (batch, 9) class ids} -> (batch, 9, hidden) cell tokens, cells row-major."""
+        cells = 0
+        for name in SCENE_ATTRIBUTES:
+            token_ids = getattr(self, f"{name}_token_ids")[targets[name]]
+            token_weights = getattr(self, f"{name}_token_weights")[targets[name]]
+            words = (word_embeddings(token_ids) * token_weights.unsqueeze(-1)).sum(-2)
+            cells = cells + words + self.offsets[name](targets[name])
+        return cells
 
 
-def pretrain_language_model(llm_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+LANGUAGE_TRAIN_SPLIT = "language-pretraining"
+LANGUAGE_CHECK_SPLIT = "language-check"
+
+
+class CellTokenConversations:
+    """Training samples for language pretraining: a scene's caption (`plain`, as in stage 1) or question
+    turns (`vicuna_v1`, as in stage 2), tokenized and labelled exactly as the trainer does, with one
+    image token per grid cell.
+
+    With `question_loss`, the user's turns after the image are predicted too, as an LLM's pretraining
+    on grounded text would. Predicting "square" after "Where is the blue" is a lookup whose key is
+    the token just read (find the blue cell, read its kind); the answer to "What colour is the
+    circle?" is the same lookup with the key a dozen tokens back. The first kind teaches the second.
+    `answers_only` labels the replies alone whatever the setting, for measuring answers.
+    """
+
+    def __init__(self, tokenizer, max_length: int, question_loss: bool = False):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.question_loss = question_loss
+        self.image_token_id = single_token_id(tokenizer, IMAGE_PLACEHOLDER)
+        self.formats = {name: get_conversation_format(name) for name in ("plain", "vicuna_v1")}
+
+    def encode(self, conversation: list[dict], conversation_format: str,
+               answers_only: bool = False) -> tuple[list[int], list[int]]:
+        messages = record_conversation_messages({"image": "scene", "conversations": conversation})
+        segments = self.formats[conversation_format].render_segments(messages)
+        input_ids, labels = tokenize_with_labels(segments, self.tokenizer)
+        input_ids, labels, image_end = expand_image_tokens(
+            input_ids, labels, self.image_token_id, self.image_token_id, CELL_GRID**2
+        )
+        if self.question_loss and not answers_only:
+            labels = labels[:image_end] + input_ids[image_end:]
+        return truncate_sample(input_ids, labels, image_end, self.max_length)
+
+    def batch(self, samples: list[tuple[list[int], list[int]]], scenes: list[Scene], device: str = "cpu") -> dict:
+        """Right-padded ids, labels and attention mask, and the scenes' cell attribute ids, on `device`."""
+        width = max(len(input_ids) for input_ids, _ in samples)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in samples], device=device)
+        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in samples], device=device)
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in samples], device=device)
+        per_scene = [scene_targets(scene) for scene in scenes]
+        targets = {name: torch.tensor([targets[name] for targets in per_scene], device=device)
+                   for name in SCENE_ATTRIBUTES}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "targets": targets}
+
+
+def cell_token_loss(model, cell_embedding: CellAttributeEmbedding, batch: dict, image_token_id: int):
+    """The LLM's output with each image token's embedding replaced by its cell's token (as LLaVA
+    places projected image features)."""
+    embeddings = model.get_input_embeddings()(batch["input_ids"])
+    image_positions = (batch["input_ids"] == image_token_id).unsqueeze(-1)
+    cell_tokens = cell_embedding(batch["targets"], model.get_input_embeddings()).to(embeddings.dtype)
+    embeddings = embeddings.masked_scatter(image_positions, cell_tokens)
+    return model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+
+LISTING_PROMPT = "List the shapes."
+
+
+def training_sample(conversations: CellTokenConversations, seed: int, index: int, settings: LanguagePretraining):
+    """One fresh scene and its sample: a caption with probability `caption_rate`, else up to `max_turns`
+    question turns, with a "List the shapes." turn (`scene_statements`) among them with probability
+    `statement_rate`."""
+    scene = generate_scene(item_rng(seed, LANGUAGE_TRAIN_SPLIT, index, "scene"))
+    rng = item_rng(seed, LANGUAGE_TRAIN_SPLIT, index, "questions")
+    if rng.random() < settings.caption_rate:
+        return scene, conversations.encode(caption_conversation(scene), "plain")
+    choose = drill_items if settings.question_pool == "all" else finetune_items
+    items = choose(scene, rng, max_turns=settings.max_turns, multiple_choice_rate=settings.multiple_choice_rate,
+                   plain_question_rate=settings.plain_question_rate)
+    statements = scene_statements(scene, rng) if rng.random() < settings.statement_rate else ""
+    if statements:
+        items.insert(rng.randint(0, len(items)), Question("listing", LISTING_PROMPT, statements, with_instruction=False))
+    return scene, conversations.encode(qa_conversation(items), "vicuna_v1")
+
+
+@torch.no_grad()
+def answer_accuracy(model, cell_embedding, conversations: CellTokenConversations, settings: LanguagePretraining) -> dict:
+    """Per question type, the share of held-out questions whose whole answer the LLM predicts from the
+    cell tokens (teacher-forced argmax on every answer token): what it can read from perfect image tokens."""
+    model.eval()
+    correct, asked = Counter(), Counter()
+    for index in range(settings.check_scenes):
+        scene = generate_scene(item_rng(settings.seed, LANGUAGE_CHECK_SPLIT, index, "scene"))
+        for question_type in QUESTION_TYPES:
+            questions = questions_of_type(scene, question_type)
+            if not questions:
+                continue
+            sample = conversations.encode(qa_conversation(questions[:1]), "vicuna_v1", answers_only=True)
+            batch = conversations.batch([sample], [scene], settings.device)
+            logits = cell_token_loss(model, cell_embedding, batch, conversations.image_token_id).logits
+            labels = batch["labels"][0, 1:]
+            supervised = labels != -100
+            asked[question_type] += 1
+            correct[question_type] += int((logits[0, :-1].argmax(-1)[supervised] == labels[supervised]).all())
+    model.train()
+    return {question_type: correct[question_type] / asked[question_type] for question_type in asked}
+
+
+def pretrain_language_model(llm_dir: str | os.PathLike, out_dir: str | os.PathLike,
                             settings: LanguagePretraining | None = None) -> Path:
-    """Train the LLM in `llm_dir` as a plain language model on the training texts; save it to `out_dir`.
+    """Train the LLM in `llm_dir` on captions and conversations about fresh scenes read from cell tokens
+    (`CellAttributeEmbedding`); save the LLM and tokenizer to `out_dir`.
 
     Skipped when `out_dir` already holds a finished result (its metrics file); the directory appears
     only once complete.
@@ -283,29 +480,29 @@ def pretrain_language_model(llm_dir: str | os.PathLike, data_dir: str | os.PathL
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = settings or LanguagePretraining()
-    out_dir, data_dir = Path(out_dir), Path(data_dir)
+    out_dir = Path(out_dir)
     if (out_dir / METRICS_FILE).exists():
         return out_dir
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
-    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).train()
-    documents = language_documents(data_dir)
-    steps = math.ceil(settings.epochs * len(documents) / settings.batch_size)
-    generator = torch.Generator().manual_seed(settings.seed)
-    order = []
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).to(settings.device).train()
+    cell_embedding = CellAttributeEmbedding(tokenizer, model.get_input_embeddings()).to(settings.device)
+    conversations = CellTokenConversations(tokenizer, settings.max_length, settings.question_loss)
 
     def batch_loss(step: int) -> torch.Tensor:
-        if len(order) < settings.batch_size:
-            order.extend(torch.randperm(len(documents), generator=generator).tolist())
-        batch = [documents[index] + tokenizer.eos_token for index in order[: settings.batch_size]]
-        del order[: settings.batch_size]
-        encoded = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=settings.max_length)
-        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-        return model(**encoded, labels=labels).loss
+        start = step * settings.batch_size
+        scenes, samples = zip(*(training_sample(conversations, settings.seed, index, settings)
+                                for index in range(start, start + settings.batch_size)))
+        batch = conversations.batch(list(samples), list(scenes), settings.device)
+        return cell_token_loss(model, cell_embedding, batch, conversations.image_token_id).loss
 
-    losses = optimise(list(model.parameters()), batch_loss, steps, settings.learning_rate, 0.0,
-                      math.ceil(0.03 * steps), "language pretraining")
+    parameters = [*model.parameters(), *cell_embedding.parameters()]
+    losses = optimise(parameters, batch_loss, settings.steps, settings.learning_rate, 0.0,
+                      math.ceil(0.03 * settings.steps), "language pretraining")
     summary = loss_summary(losses)
-    logger.info(f"Language pretraining: {steps} steps, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
-    save_with_metrics([model, tokenizer], {"settings": vars(settings), "steps": steps, **summary}, out_dir)
+    accuracy = answer_accuracy(model, cell_embedding, conversations, settings)
+    logger.info(f"Language pretraining: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; answers "
+                "read from cell tokens on held-out scenes: " + json.dumps({k: round(v, 3) for k, v in accuracy.items()}))
+    metrics = {"settings": vars(settings), **summary, "held_out_answer_accuracy": accuracy}
+    save_with_metrics([model, tokenizer], metrics, out_dir)
     return out_dir

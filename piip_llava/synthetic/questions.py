@@ -227,6 +227,29 @@ def caption(scene: Scene) -> str:
     )
 
 
+def scene_statements(scene: Scene, rng: random.Random) -> str:
+    """Terse labels of the scene's shapes in a random order, each word found by a lookup keyed by the word
+    just before it.
+
+    Each shape whose kind and colour are unique in the scene is listed either as "circle red top"
+    (kind to colour, colour to position) or as "red circle top" (colour to kind, kind to position);
+    entries are separated by ";". For language pretraining: every colour, shape and position question
+    is a lookup (find the cell the question names, read another attribute from it). With the key
+    being the token just read, a small LLM learns a lookup in a few hundred steps; with the key a
+    dozen tokens back, as in a question, it learns it only once the one-step lookup exists. Captions
+    and questions are full of colour-to-kind lookups ("a red circle", "Where is the red ...") and
+    none of the others: the LLM answered shape questions perfectly and colour and position questions
+    at chance, and grammatical facts ("The circle is in the top cell.") did not change that.
+    """
+    entries = []
+    for shape in scene.shapes:
+        if len(scene.shapes_of_kind(shape.kind)) == 1 and len(scene.shapes_of_colour(shape.colour)) == 1:
+            first, second = (shape.kind, shape.colour) if rng.random() < 0.5 else (shape.colour, shape.kind)
+            entries.append(f"{first} {second} {shape.position}")
+    rng.shuffle(entries)
+    return "; ".join(entries) + "." if entries else ""
+
+
 def pick_questions(scene: Scene, rng: random.Random, max_turns: int = 3, text_first_rate: float = 0.5) -> list[Question]:
     """1 to `max_turns` questions of distinct types, drawn uniformly among the types the scene can answer.
 
@@ -262,17 +285,11 @@ def caption_conversation(scene: Scene) -> list[dict]:
     return [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": caption(scene)}]
 
 
-def finetune_items(
-    scene: Scene,
-    rng: random.Random,
-    max_turns: int = 3,
-    multiple_choice_rate: float = 0.25,
-    plain_question_rate: float = 0.3,
-) -> list[Question | MultipleChoice]:
-    """The questions of one instruction-tuning conversation, some turned into multiple choice and
-    some open ones asked without the short-answer instruction."""
+def vary_items(questions: list[Question], rng: random.Random, multiple_choice_rate: float,
+               plain_question_rate: float) -> list[Question | MultipleChoice]:
+    """Some questions turned into multiple choice, some open ones asked without the short-answer instruction."""
     items = []
-    for question in pick_questions(scene, rng, max_turns):
+    for question in questions:
         if rng.random() < multiple_choice_rate:
             items.append(make_multiple_choice(question, rng))
         elif rng.random() < plain_question_rate:
@@ -280,3 +297,32 @@ def finetune_items(
         else:
             items.append(question)
     return items
+
+
+def finetune_items(
+    scene: Scene,
+    rng: random.Random,
+    max_turns: int = 3,
+    multiple_choice_rate: float = 0.25,
+    plain_question_rate: float = 0.3,
+) -> list[Question | MultipleChoice]:
+    """The questions of one instruction-tuning conversation: 1 to `max_turns` of distinct types."""
+    return vary_items(pick_questions(scene, rng, max_turns), rng, multiple_choice_rate, plain_question_rate)
+
+
+def drill_items(
+    scene: Scene,
+    rng: random.Random,
+    max_turns: int = 8,
+    multiple_choice_rate: float = 0.25,
+    plain_question_rate: float = 0.3,
+) -> list[Question | MultipleChoice]:
+    """Up to `max_turns` of all the scene's questions, repeats of a type included, in a random order.
+
+    For language pretraining on cell tokens: every colour, shape and position question of a scene is a
+    separate lookup (find the cell the question names, read another attribute from it), the skill a
+    small LLM learns last; asking all of them gives it several per conversation instead of one.
+    """
+    questions = all_questions(scene)
+    rng.shuffle(questions)
+    return vary_items(questions[:max_turns], rng, multiple_choice_rate, plain_question_rate)

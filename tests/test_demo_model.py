@@ -1,0 +1,72 @@
+"""The bundled demo model: it ships with the package, loads through the Auto classes, is the default of
+`piip-llava chat`, and answers questions about the bundled example images correctly."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from piip_llava.cli import main
+from piip_llava.commands.chat import BUNDLED_MODEL_DIR
+from piip_llava.evaluation.answer_normalization import normalize_answer
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "piip_llava" / "assets" / "examples"
+SIZE_BUDGET_BYTES = 30 * 10**6
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    processor = AutoProcessor.from_pretrained(BUNDLED_MODEL_DIR)
+    model = AutoModelForImageTextToText.from_pretrained(BUNDLED_MODEL_DIR).eval()
+    return model, processor
+
+
+# Position questions are the bundled model's weak spot: 20% on the held-out split, chance level (see
+# docs/demo_model_results.json). Its wrong answer here is kept visible as a strict expected failure, so a
+# retrained model that gets it right turns this into a reminder to move it back among the asserted ones.
+KNOWN_WRONG = {("example_shapes.png", "position"): "the bundled model answers position questions at chance level"}
+
+
+def examples():
+    cases = []
+    for example in json.loads((EXAMPLES_DIR / "examples.json").read_text()):
+        reason = KNOWN_WRONG.get((example["image"], example["question_type"]))
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        cases.append(pytest.param(example, marks=marks, id=f"{example['image']}-{example['question_type']}"))
+    return cases
+
+
+def ask(model, processor, image, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_the_bundled_model_ships_within_budget_as_safetensors():
+    files = {path.name: path.stat().st_size for path in BUNDLED_MODEL_DIR.iterdir()}
+    assert "model.safetensors" in files and not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    assert sum(files.values()) <= SIZE_BUDGET_BYTES
+    config = json.loads((BUNDLED_MODEL_DIR / "config.json").read_text())
+    assert config["model_type"] == "piip_llava" and len(config["vision_config"]["branches"]) == 2
+
+
+@pytest.mark.parametrize("example", examples())
+def test_the_bundled_model_answers_the_bundled_examples(demo_model, example):
+    from PIL import Image
+
+    model, processor = demo_model
+    with Image.open(EXAMPLES_DIR / example["image"]) as image:
+        answer = ask(model, processor, image.convert("RGB"), example["prompt"])
+    assert normalize_answer(answer) == normalize_answer(example["answer"])
+
+
+def test_chat_command_defaults_to_the_bundled_model(capsys):
+    status = main(["chat", "--image", str(EXAMPLES_DIR / "example_shapes.png"), "--prompt",
+                   "What colour is the circle?", "--max-new-tokens", "8"])
+    assert status == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].strip().lower() == "red"
