@@ -29,10 +29,10 @@ from piip_llava.synthetic.questions import (
     Question,
     all_questions,
     caption,
-    drill_items,
     make_multiple_choice,
     questions_of_type,
     scene_statements,
+    shuffled_questions,
 )
 from piip_llava.synthetic.scenes import (
     PALETTE,
@@ -147,13 +147,12 @@ def test_ambiguous_questions_are_not_asked():
     assert texts["How many shapes are there?"] == "3"
 
 
-def test_drill_items_ask_every_question_of_the_scene_up_to_the_turn_limit():
+def test_shuffled_questions_ask_every_question_of_the_scene_up_to_the_turn_limit():
     scene = generate_scene(random.Random(11))
     every = {question.text for question in all_questions(scene)}
-    items = drill_items(scene, random.Random(0), max_turns=len(every) + 5, multiple_choice_rate=0.0,
-                        plain_question_rate=0.0)
+    items = shuffled_questions(scene, random.Random(0), max_turns=len(every) + 5)
     assert {item.text for item in items} == every and len(items) == len(all_questions(scene))
-    capped = drill_items(scene, random.Random(0), max_turns=2)
+    capped = shuffled_questions(scene, random.Random(0), max_turns=2)
     assert len(capped) == 2
 
 

@@ -50,11 +50,12 @@ from .questions import (
     QUESTION_TYPES,
     Question,
     caption_conversation,
-    drill_items,
-    finetune_items,
+    pick_questions,
     qa_conversation,
     questions_of_type,
     scene_statements,
+    shuffled_questions,
+    vary_items,
 )
 from .scenes import (
     PALETTE,
@@ -305,8 +306,8 @@ class LanguagePretraining:
     # Share of question conversations with a "List the shapes." turn answered by `scene_statements`.
     statement_rate: float = 0.8
     max_turns: int = 12
-    # "pick": questions of distinct types, as in stage 2 (`finetune_items`); "all": every question of the
-    # scene, repeats of a type included (`drill_items`).
+    # "pick": questions of distinct types, as in stage 2 (`pick_questions`); "all": every question of the
+    # scene, repeats of a type included (`shuffled_questions`).
     question_pool: str = "all"
     multiple_choice_rate: float = 0.1
     plain_question_rate: float = 0.7
@@ -437,9 +438,9 @@ def training_sample(conversations: CellTokenConversations, seed: int, index: int
     rng = item_rng(seed, LANGUAGE_TRAIN_SPLIT, index, "questions")
     if rng.random() < settings.caption_rate:
         return scene, conversations.encode(caption_conversation(scene), "plain")
-    choose = drill_items if settings.question_pool == "all" else finetune_items
-    items = choose(scene, rng, max_turns=settings.max_turns, multiple_choice_rate=settings.multiple_choice_rate,
-                   plain_question_rate=settings.plain_question_rate)
+    choose = shuffled_questions if settings.question_pool == "all" else pick_questions
+    items = vary_items(choose(scene, rng, settings.max_turns), rng, settings.multiple_choice_rate,
+                       settings.plain_question_rate)
     statements = scene_statements(scene, rng) if rng.random() < settings.statement_rate else ""
     if statements:
         items.insert(rng.randint(0, len(items)), Question("listing", LISTING_PROMPT, statements, with_instruction=False))

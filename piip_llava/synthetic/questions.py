@@ -310,13 +310,7 @@ def finetune_items(
     return vary_items(pick_questions(scene, rng, max_turns), rng, multiple_choice_rate, plain_question_rate)
 
 
-def drill_items(
-    scene: Scene,
-    rng: random.Random,
-    max_turns: int = 8,
-    multiple_choice_rate: float = 0.25,
-    plain_question_rate: float = 0.3,
-) -> list[Question | MultipleChoice]:
+def shuffled_questions(scene: Scene, rng: random.Random, max_turns: int = 8) -> list[Question]:
     """Up to `max_turns` of all the scene's questions, repeats of a type included, in a random order.
 
     For language pretraining on cell tokens: every colour, shape and position question of a scene is a
@@ -325,4 +319,4 @@ def drill_items(
     """
     questions = all_questions(scene)
     rng.shuffle(questions)
-    return vary_items(questions[:max_turns], rng, multiple_choice_rate, plain_question_rate)
+    return questions[:max_turns]
