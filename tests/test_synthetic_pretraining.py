@@ -24,8 +24,9 @@ from piip_llava.synthetic.pretraining import (
     pretrain_encoder,
     pretrain_language_model,
     scene_targets,
+    training_sample,
 )
-from piip_llava.synthetic.questions import qa_conversation, questions_of_type
+from piip_llava.synthetic.questions import caption, qa_conversation, questions_of_type, scene_statements
 from piip_llava.synthetic.scenes import Scene, SceneText, Shape, generate_scene
 
 TINY_CONFIG = "configs/tiny_convnext_clip.json"
@@ -167,6 +168,37 @@ def test_question_loss_supervises_the_turns_after_the_image_but_measuring_keeps_
     assert "How many shapes are there?" in tokenizer.decode(labels[last_image + 1:])
     _, answer_labels = conversations.encode(conversation, "vicuna_v1", answers_only=True)
     assert tokenizer.decode([label for label in answer_labels if label != -100]).strip() == f"{len(scene.shapes)}</s>"
+
+
+def test_training_samples_are_captions_or_question_turns_with_a_supervised_listing_turn(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    tokenizer = AutoTokenizer.from_pretrained(random_dir)
+    conversations = CellTokenConversations(tokenizer, max_length=1024)
+    listed = LanguagePretraining(caption_rate=0.0, statement_rate=1.0, max_turns=3)
+    unlisted = LanguagePretraining(caption_rate=0.0, statement_rate=0.0, max_turns=3)
+    captions = LanguagePretraining(caption_rate=1.0)
+    with_statements = 0
+    for index in range(12):
+        scene, (input_ids, labels) = training_sample(conversations, 0, index, listed)
+        replies = tokenizer.decode([label for label in labels if label != -100])
+        statements = scene_statements(scene, random.Random(0))
+        if statements:
+            with_statements += 1
+            assert "List the shapes." in tokenizer.decode(input_ids)
+            # The labels are the same whatever order the entries come in: compare the listed words.
+            for entry in statements.rstrip(".").split("; "):
+                assert all(word in replies for word in entry.split())
+        _, (input_ids, _) = training_sample(conversations, 0, index, unlisted)
+        assert "List the shapes." not in tokenizer.decode(input_ids)
+        scene, (input_ids, labels) = training_sample(conversations, 0, index, captions)
+        assert tokenizer.decode([label for label in labels if label != -100]).replace(" ", "").startswith(
+            caption(scene).replace(" ", "")[:20])
+    assert with_statements > 0
+
+
+def test_language_pretraining_rejects_an_unknown_question_pool():
+    with pytest.raises(ValueError, match="question_pool"):
+        LanguagePretraining(question_pool="every")
 
 
 def test_language_pretraining_learns_to_answer_from_cell_tokens(small_export, tmp_path):

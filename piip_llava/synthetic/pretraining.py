@@ -43,7 +43,13 @@ from ..conversation import IMAGE_PLACEHOLDER, get_conversation_format
 from ..models.piip import PIIPVisionConfig, PIIPVisionModel
 from ..models.piip.image_processing_piip import PIIPImageProcessor
 from ..models.piip_llava.projector import resize_to_grid
-from ..training.data import expand_image_tokens, single_token_id, tokenize_with_labels, truncate_sample
+from ..training.data import (
+    LlavaDataCollator,
+    expand_image_tokens,
+    single_token_id,
+    tokenize_with_labels,
+    truncate_sample,
+)
 from ..training.records import record_conversation_messages
 from .export import item_rng
 from .questions import (
@@ -318,6 +324,10 @@ class LanguagePretraining:
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self):
+        if self.question_pool not in QUESTION_POOLS:
+            raise ValueError(f"question_pool must be one of {sorted(QUESTION_POOLS)}, got {self.question_pool!r}.")
+
 
 class CellAttributeEmbedding(nn.Module):
     """Stand-in image tokens for language pretraining: each grid cell as the sum of its attributes' word embeddings.
@@ -391,6 +401,7 @@ class CellTokenConversations:
         self.question_loss = question_loss
         self.image_token_id = single_token_id(tokenizer, IMAGE_PLACEHOLDER)
         self.formats = {name: get_conversation_format(name) for name in ("plain", "vicuna_v1")}
+        self.collator = LlavaDataCollator(tokenizer.pad_token_id)
 
     def encode(self, conversation: list[dict], conversation_format: str,
                answers_only: bool = False) -> tuple[list[int], list[int]]:
@@ -405,16 +416,14 @@ class CellTokenConversations:
         return truncate_sample(input_ids, labels, image_end, self.max_length)
 
     def batch(self, samples: list[tuple[list[int], list[int]]], scenes: list[Scene], device: str = "cpu") -> dict:
-        """Right-padded ids, labels and attention mask, and the scenes' cell attribute ids, on `device`."""
-        width = max(len(input_ids) for input_ids, _ in samples)
-        pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in samples], device=device)
-        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in samples], device=device)
-        attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in samples], device=device)
+        """Right-padded ids, labels and attention mask (the trainer's collator), and the scenes' cell attribute
+        ids, on `device`."""
+        features = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)} for ids, labels in samples]
+        batch = {name: tensor.to(device) for name, tensor in self.collator(features).items()}
         per_scene = [scene_targets(scene) for scene in scenes]
-        targets = {name: torch.tensor([targets[name] for targets in per_scene], device=device)
-                   for name in SCENE_ATTRIBUTES}
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "targets": targets}
+        batch["targets"] = {name: torch.tensor([targets[name] for targets in per_scene], device=device)
+                            for name in SCENE_ATTRIBUTES}
+        return batch
 
 
 def cell_token_loss(model, cell_embedding: CellAttributeEmbedding, batch: dict, image_token_id: int):
@@ -428,6 +437,8 @@ def cell_token_loss(model, cell_embedding: CellAttributeEmbedding, batch: dict, 
 
 
 LISTING_PROMPT = "List the shapes."
+# How a conversation's questions are drawn, by `LanguagePretraining.question_pool`.
+QUESTION_POOLS = {"pick": pick_questions, "all": shuffled_questions}
 
 
 def training_sample(conversations: CellTokenConversations, seed: int, index: int, settings: LanguagePretraining):
@@ -438,7 +449,7 @@ def training_sample(conversations: CellTokenConversations, seed: int, index: int
     rng = item_rng(seed, LANGUAGE_TRAIN_SPLIT, index, "questions")
     if rng.random() < settings.caption_rate:
         return scene, conversations.encode(caption_conversation(scene), "plain")
-    choose = shuffled_questions if settings.question_pool == "all" else pick_questions
+    choose = QUESTION_POOLS[settings.question_pool]
     items = vary_items(choose(scene, rng, settings.max_turns), rng, settings.multiple_choice_rate,
                        settings.plain_question_rate)
     statements = scene_statements(scene, rng) if rng.random() < settings.statement_rate else ""
