@@ -15,7 +15,9 @@ Every step resumes or is skipped when run again.
     python scripts/train_demo_model.py --work-dir outputs/demo --install
 
 `--install` copies the model and processor into piip_llava/assets/demo_model (the package's
-default model) and the evaluation results into docs/demo_model_results.json.
+default model), the evaluation results into docs/demo_model_results.json and a table of them beside
+chance and the majority answer into docs/demo_model_results.md. Run on a finished work directory,
+every step is skipped and only the install happens.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_VISION_CONFIG = REPO / "configs" / "demo_piip_vision.json"
 INSTALL_DIR = REPO / "piip_llava" / "assets" / "demo_model"
 RESULTS_FILE = REPO / "docs" / "demo_model_results.json"
+RESULTS_TABLE = REPO / "docs" / "demo_model_results.md"
+QUESTION_TYPES = ("colour", "shape", "count", "position", "text_large", "text_small")
 SIZE_BUDGET_BYTES = 30 * 10**6
 MODEL_FILES = (
     "config.json",
@@ -62,7 +66,31 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def install(model_dir: Path, results: dict) -> None:
+def results_markdown(results: dict, stats: dict) -> str:
+    """The held-out scores per question type beside uniform chance and the majority-answer baseline, as markdown."""
+    chance, majority = stats["chance_accuracy"], stats["majority_answer_accuracy"]
+    by_type, mmbench = results["textvqa_by_type"], results["mmbench"]
+    lines = [
+        "| question type | TextVQA format | chance | majority answer | MMBench format (vanilla) | chance | majority answer |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for question_type in QUESTION_TYPES:
+        category = mmbench["per_category"][question_type]
+        lines.append(
+            f"| {question_type} ({by_type[question_type]['samples']} + {category['questions']} questions) "
+            f"| {by_type[question_type]['accuracy']:.0f} | {100 * chance['textvqa'][question_type]:.1f} "
+            f"| {100 * majority['textvqa'][question_type]:.0f} | {category['vanilla_accuracy']:.0f} "
+            f"| {100 * chance['mmbench'][question_type]['vanilla']:.0f} "
+            f"| {100 * majority['mmbench_vanilla'][question_type]:.0f} |"
+        )
+    lines.append(
+        f"| all | {results['textvqa']['accuracy']:.1f} | | | {mmbench['vanilla_accuracy']:.1f} "
+        f"(circular {mmbench['circular_accuracy']:.1f}, chance 0.4) | 25 | |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def install(model_dir: Path, results: dict, stats: dict) -> None:
     """Copy the trained model and processor files (no checkpoints) into the package, and the scores into docs/."""
     size = sum((model_dir / name).stat().st_size for name in MODEL_FILES)
     if size > SIZE_BUDGET_BYTES:
@@ -73,7 +101,8 @@ def install(model_dir: Path, results: dict) -> None:
         shutil.copy2(model_dir / name, INSTALL_DIR / name)
     size = sum(path.stat().st_size for path in INSTALL_DIR.iterdir()) / 2**20
     RESULTS_FILE.write_text(json.dumps(results, indent=2) + "\n")
-    logger.info(f"installed the demo model into {INSTALL_DIR} ({size:.1f} MiB); scores in {RESULTS_FILE}")
+    RESULTS_TABLE.write_text(results_markdown(results, stats))
+    logger.info(f"installed the demo model into {INSTALL_DIR} ({size:.1f} MiB); scores in {RESULTS_FILE} and {RESULTS_TABLE}")
 
 
 def main(argv=None) -> int:
@@ -88,7 +117,7 @@ def main(argv=None) -> int:
     results = evaluate(work_dir / "piip" / "eval", data_dir, model_dir, recipe)
     logger.info("TextVQA-format accuracy per question type: " + json.dumps(results["textvqa_by_type"]))
     if args.install:
-        install(model_dir, results)
+        install(model_dir, results, json.loads((data_dir / "stats.json").read_text()))
     return 0
 
 
