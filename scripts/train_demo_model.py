@@ -37,13 +37,13 @@ from piip_llava.synthetic.pipeline import (
     pretrain_vision_encoder,
     train_two_stages,
 )
+from piip_llava.synthetic.questions import QUESTION_TYPES
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_VISION_CONFIG = REPO / "configs" / "demo_piip_vision.json"
 INSTALL_DIR = REPO / "piip_llava" / "assets" / "demo_model"
 RESULTS_FILE = REPO / "docs" / "demo_model_results.json"
 RESULTS_TABLE = REPO / "docs" / "demo_model_results.md"
-QUESTION_TYPES = ("colour", "shape", "count", "position", "text_large", "text_small")
 SIZE_BUDGET_BYTES = 30 * 10**6
 MODEL_FILES = (
     "config.json",
@@ -83,9 +83,10 @@ def results_markdown(results: dict, stats: dict) -> str:
             f"| {100 * chance['mmbench'][question_type]['vanilla']:.0f} "
             f"| {100 * majority['mmbench_vanilla'][question_type]:.0f} |"
         )
+    circular_chance = 100 * chance["mmbench"][QUESTION_TYPES[0]]["circular"]
     lines.append(
         f"| all | {results['textvqa']['accuracy']:.1f} | | | {mmbench['vanilla_accuracy']:.1f} "
-        f"(circular {mmbench['circular_accuracy']:.1f}, chance 0.4) | 25 | |"
+        f"(circular {mmbench['circular_accuracy']:.1f}, chance {circular_chance:.1f}) | 25 | |"
     )
     return "\n".join(lines) + "\n"
 

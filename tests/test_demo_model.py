@@ -83,7 +83,7 @@ def test_the_results_table_sets_each_score_beside_chance_and_the_majority_answer
     types = script.QUESTION_TYPES
     stats = {
         "chance_accuracy": {"textvqa": {kind: 0.5 for kind in types},
-                            "mmbench": {kind: {"vanilla": 0.25} for kind in types}},
+                            "mmbench": {kind: {"vanilla": 0.25, "circular": 0.25**4} for kind in types}},
         "majority_answer_accuracy": {"textvqa": {kind: 0.3 for kind in types},
                                      "mmbench_vanilla": {kind: 0.4 for kind in types}},
     }
@@ -94,4 +94,4 @@ def test_the_results_table_sets_each_score_beside_chance_and_the_majority_answer
     vanilla = results["mmbench"]["per_category"]["shape"]["vanilla_accuracy"]
     assert cells[1:] == [f"{results['textvqa_by_type']['shape']['accuracy']:.0f}", "50.0", "30", f"{vanilla:.0f}",
                          "25", "40"]
-    assert rows[-1].startswith(f"| all | {results['textvqa']['accuracy']:.1f} |")
+    assert rows[-1].startswith(f"| all | {results['textvqa']['accuracy']:.1f} |") and "chance 0.4)" in rows[-1]
