@@ -83,10 +83,12 @@ def results_markdown(results: dict, stats: dict) -> str:
             f"| {100 * chance['mmbench'][question_type]['vanilla']:.0f} "
             f"| {100 * majority['mmbench_vanilla'][question_type]:.0f} |"
         )
-    circular_chance = 100 * chance["mmbench"][QUESTION_TYPES[0]]["circular"]
+    # Every MMBench-format question has the same number of options, so one type's chance is the split's.
+    split_chance = chance["mmbench"][QUESTION_TYPES[0]]
     lines.append(
         f"| all | {results['textvqa']['accuracy']:.1f} | | | {mmbench['vanilla_accuracy']:.1f} "
-        f"(circular {mmbench['circular_accuracy']:.1f}, chance {circular_chance:.1f}) | 25 | |"
+        f"(circular {mmbench['circular_accuracy']:.1f}, chance {100 * split_chance['circular']:.1f}) "
+        f"| {100 * split_chance['vanilla']:.0f} | |"
     )
     return "\n".join(lines) + "\n"
 

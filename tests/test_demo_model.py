@@ -24,8 +24,9 @@ def demo_model():
 
 
 # Position questions are the bundled model's weak spot: 20% on the shipped held-out split and 27% on a
-# larger one, against 20% chance (see docs/demo_model_results.md and README). Its wrong answer here is kept visible as a strict expected failure, so a
-# retrained model that gets it right turns this into a reminder to move it back among the asserted ones.
+# larger one, against 20% chance (see docs/demo_model_results.md and README). Its wrong answer here is
+# kept visible as a strict expected failure, so a retrained model that gets it right turns this into a
+# reminder to move it back among the asserted ones.
 KNOWN_WRONG = {("example_shapes.png", "position"): "the bundled model answers position questions near chance level"}
 
 
@@ -81,17 +82,28 @@ def test_the_results_table_sets_each_score_beside_chance_and_the_majority_answer
     spec.loader.exec_module(script)
     results = json.loads((EXAMPLES_DIR.parents[2] / "docs" / "demo_model_results.json").read_text())
     types = script.QUESTION_TYPES
+    # A different chance and majority per type, so a row that read another type's figures would show.
     stats = {
-        "chance_accuracy": {"textvqa": {kind: 0.5 for kind in types},
-                            "mmbench": {kind: {"vanilla": 0.25, "circular": 0.25**4} for kind in types}},
-        "majority_answer_accuracy": {"textvqa": {kind: 0.3 for kind in types},
-                                     "mmbench_vanilla": {kind: 0.4 for kind in types}},
+        "chance_accuracy": {
+            "textvqa": {kind: (number + 1) / 100 for number, kind in enumerate(types)},
+            "mmbench": {kind: {"vanilla": 0.25, "circular": 0.25**4} for kind in types},
+        },
+        "majority_answer_accuracy": {
+            "textvqa": {kind: (number + 11) / 100 for number, kind in enumerate(types)},
+            "mmbench_vanilla": {kind: (number + 21) / 100 for number, kind in enumerate(types)},
+        },
     }
     rows = script.results_markdown(results, stats).splitlines()
     assert len(rows) == 2 + len(types) + 1
-    shape_row = next(row for row in rows if row.startswith("| shape "))
-    cells = [cell.strip() for cell in shape_row.strip("|").split("|")]
-    vanilla = results["mmbench"]["per_category"]["shape"]["vanilla_accuracy"]
-    assert cells[1:] == [f"{results['textvqa_by_type']['shape']['accuracy']:.0f}", "50.0", "30", f"{vanilla:.0f}",
-                         "25", "40"]
-    assert rows[-1].startswith(f"| all | {results['textvqa']['accuracy']:.1f} |") and "chance 0.4)" in rows[-1]
+    for number, kind in enumerate(types):
+        (row,) = [row for row in rows if row.startswith(f"| {kind} (")]
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1:] == [
+            f"{results['textvqa_by_type'][kind]['accuracy']:.0f}", f"{number + 1:.1f}", f"{number + 11}",
+            f"{results['mmbench']['per_category'][kind]['vanilla_accuracy']:.0f}", "25", f"{number + 21}",
+        ]
+    total = [cell.strip() for cell in rows[-1].strip("|").split("|")]
+    assert total[:2] == ["all", f"{results['textvqa']['accuracy']:.1f}"]
+    mmbench = results["mmbench"]
+    overall = f"{mmbench['vanilla_accuracy']:.1f} (circular {mmbench['circular_accuracy']:.1f}, chance 0.4)"
+    assert total[4:6] == [overall, "25"]
