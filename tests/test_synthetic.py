@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from piip_llava.conversation import VICUNA_SYSTEM
-from piip_llava.evaluation.mmbench import load_mmbench_items, read_mmbench_table, score_mmbench
+from piip_llava.evaluation.mmbench import extract_option_letter, load_mmbench_items, read_mmbench_table, score_mmbench
 from piip_llava.evaluation.textvqa import load_annotations, questions_from_jsonl, score_textvqa
 from piip_llava.synthetic import commands, export_dataset, tokenizer_corpus
 from piip_llava.synthetic.export import (
@@ -25,6 +26,7 @@ from piip_llava.synthetic.export import (
     write_examples,
 )
 from piip_llava.synthetic.questions import (
+    LISTING_PROMPT,
     QUESTION_TYPES,
     Question,
     all_questions,
@@ -179,6 +181,9 @@ def test_multiple_choice_letter_points_at_the_answer():
             choice = make_multiple_choice(question, rng)
             assert len(set(choice.options)) == 4
             assert choice.options["ABCD".index(choice.answer)] == question.answer
+            # The training reply names the right option; the MMBench scorer maps it to that option's letter.
+            assert choice.reply == question.reply == question.answer
+            assert extract_option_letter(choice.reply, choice.options) == choice.answer
             assert choice.prompt.endswith("\nAnswer with the option's letter from the given choices directly.")
 
 
@@ -219,13 +224,25 @@ def test_captions_name_every_shape_and_the_text():
 
 def test_finetune_records_are_llava_conversations(export_dir):
     records = json.loads((export_dir / "finetune.json").read_text())
+    listed = 0
     for record in records:
         turns = record["conversations"]
         assert (export_dir / "images" / record["image"]).exists()
         assert turns[0]["value"].startswith("<image>\n")
-        assert 2 <= len(turns) <= 6 and [turn["from"] for turn in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert 2 <= len(turns) <= 14 and [turn["from"] for turn in turns] == ["human", "gpt"] * (len(turns) // 2)
         assert all("<image>" not in turn["value"] for turn in turns[1:])
-        assert all(len(turn["value"].split()) == 1 for turn in turns[1::2])
+        prompts = [turn["value"].removeprefix("<image>\n") for turn in turns[0::2]]
+        listed += LISTING_PROMPT in prompts
+        assert prompts.count(LISTING_PROMPT) <= 1 and sum("is written in the image" in prompt for prompt in prompts) <= 1
+        for prompt, reply in zip(prompts, [turn["value"] for turn in turns[1::2]]):
+            options = dict(re.findall(r"^([A-D])\. (.+)$", prompt, flags=re.MULTILINE))
+            if prompt == LISTING_PROMPT:
+                assert re.fullmatch(r"(\w+ \w+ \w+)(; \w+ \w+ \w+)*\.", reply)
+            elif options:
+                assert len(reply.split()) == 1 and list(options.values()).count(reply) == 1
+            else:
+                assert len(reply.split()) == 1
+    assert listed > len(records) // 2
     pretrain = json.loads((export_dir / "pretrain.json").read_text())
     assert [record["conversations"][0]["value"] for record in pretrain] == ["<image>"] * len(pretrain)
 

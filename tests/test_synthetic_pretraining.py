@@ -21,6 +21,7 @@ from piip_llava.synthetic.pretraining import (
     SceneAttributeHeads,
     attribute_loss,
     cell_token_loss,
+    length_grouped_loss,
     pretrain_encoder,
     pretrain_language_model,
     scene_targets,
@@ -168,6 +169,25 @@ def test_question_loss_supervises_the_turns_after_the_image_but_measuring_keeps_
     assert "How many shapes are there?" in tokenizer.decode(labels[last_image + 1:])
     _, answer_labels = conversations.encode(conversation, "vicuna_v1", answers_only=True)
     assert tokenizer.decode([label for label in answer_labels if label != -100]).strip() == f"{len(scene.shapes)}</s>"
+
+
+def test_length_grouped_loss_equals_the_loss_of_the_whole_batch_in_one_pass(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    tokenizer = AutoTokenizer.from_pretrained(random_dir)
+    model = AutoModelForCausalLM.from_pretrained(random_dir).eval()
+    conversations = CellTokenConversations(tokenizer, max_length=1024, question_loss=True)
+    cell_embedding = CellAttributeEmbedding(tokenizer, model.get_input_embeddings())
+    settings = LanguagePretraining(max_turns=4)
+    drawn = [training_sample(conversations, 0, index, settings) for index in range(7)]
+    assert len({len(sample[0]) for _, sample in drawn}) > 1
+    scenes, samples = zip(*drawn)
+    with torch.no_grad():
+        whole = cell_token_loss(model, cell_embedding, conversations.batch(list(samples), list(scenes)),
+                                conversations.image_token_id).loss
+        for groups in (1, 2, 3):
+            grouped = length_grouped_loss(model, cell_embedding, conversations, drawn,
+                                          LanguagePretraining(max_turns=4, length_groups=groups))
+            assert torch.allclose(grouped, whole, atol=1e-5)
 
 
 def test_training_samples_are_captions_or_question_turns_with_a_supervised_listing_turn(small_export, tmp_path):
