@@ -28,9 +28,9 @@ import json
 import logging
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from piip_llava.synthetic import export_dataset
 from piip_llava.synthetic.pipeline import (
     Recipe,
     evaluate,
@@ -119,15 +119,9 @@ def results_document(results: dict, stats: dict, check: dict | None = None, chec
 
 def large_check(work_dir: Path, model_dir: Path, recipe: Recipe, images: int) -> tuple[dict, dict]:
     """Scores on a held-out split of `images` images (seeded like the run's own, so it begins with the same images)."""
-    data_dir = export_data_only_eval(work_dir / "large_check" / "data", recipe, images)
+    data_dir = export_data(work_dir / "large_check" / "data", replace(recipe, train_images=0, eval_images=images))
     results = evaluate(work_dir / "large_check" / "eval", data_dir, model_dir, recipe)
     return results, json.loads((data_dir / "stats.json").read_text())
-
-
-def export_data_only_eval(data_dir: Path, recipe: Recipe, images: int) -> Path:
-    if not (data_dir / "stats.json").exists():
-        export_dataset(data_dir, seed=recipe.seed, num_train_images=0, num_eval_images=images)
-    return data_dir
 
 
 def install(model_dir: Path, results: dict, stats: dict, check: dict | None = None,

@@ -249,6 +249,17 @@ def test_language_pretraining_replaces_an_unfinished_or_foreign_directory(small_
     assert AutoModelForCausalLM.from_pretrained(out_dir).config.vocab_size > 0
 
 
+def test_bf16_language_pretraining_keeps_float32_weights_and_learns(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    settings = LanguagePretraining(steps=12, batch_size=4, learning_rate=3e-3, check_scenes=2, max_length=1024,
+                                   max_turns=2, bf16=True)
+    out_dir = pretrain_language_model(random_dir, tmp_path / "llm", settings)
+    metrics = json.loads((out_dir / METRICS_FILE).read_text())
+    assert metrics["settings"]["bf16"] is True and metrics["final_loss"] < metrics["first_loss"] - 1.0
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+
+
 def test_language_pretraining_needs_one_image_token_per_cell(small_export, tmp_path):
     with pytest.raises(ValueError, match="projector_grid must be 3"):
         pretrain_llm(tmp_path, small_export, Recipe(projector_grid=0))
