@@ -29,6 +29,7 @@ from piip_llava.synthetic.pretraining import (
 )
 from piip_llava.synthetic.questions import caption, qa_conversation, questions_of_type, scene_statements
 from piip_llava.synthetic.scenes import Scene, SceneText, Shape, generate_scene
+from piip_llava.training.data import TRAINING_PAD_MULTIPLE
 
 TINY_CONFIG = "configs/tiny_convnext_clip.json"
 
@@ -181,6 +182,7 @@ def test_length_grouped_loss_equals_the_loss_of_the_whole_batch_in_one_pass(smal
     drawn = [training_sample(conversations, 0, index, settings) for index in range(7)]
     assert len({len(sample[0]) for _, sample in drawn}) > 1
     scenes, samples = zip(*drawn)
+    assert conversations.batch(list(samples), list(scenes))["input_ids"].shape[1] % TRAINING_PAD_MULTIPLE == 0
     with torch.no_grad():
         whole = cell_token_loss(model, cell_embedding, conversations.batch(list(samples), list(scenes)),
                                 conversations.image_token_id).loss

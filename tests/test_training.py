@@ -15,6 +15,7 @@ from piip_llava import PIIPLlavaForConditionalGeneration
 from piip_llava.cli import main as cli_main
 from piip_llava.training.arguments import PIIPLlavaTrainingArguments, StageOptions
 from piip_llava.training.assembly import assemble_piip_llava, load_vision_encoder, save_initial_model
+from piip_llava.training.data import TRAINING_PAD_MULTIPLE
 from piip_llava.training.freezing import (
     LANGUAGE_MODEL,
     PROJECTOR,
@@ -123,6 +124,9 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(workspac
     assert resolve_resume_checkpoint("auto", interrupted) == str(interrupted / "checkpoint-3")
     trainer = run_training(options, training_arguments(interrupted, **arguments), resume="auto")
     assert trainer.state.global_step == 6
+    # The trainer's batches come padded to the shared multiple (fewer shapes for bf16 kernels and tensor cores).
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] % TRAINING_PAD_MULTIPLE == 0
 
     straight, resumed = weights(tmp_path / "straight"), weights(interrupted)
     assert not torch.equal(straight["lm_head.weight"], weights(interrupted / "checkpoint-3")["lm_head.weight"])

@@ -44,6 +44,7 @@ from ..models.piip import PIIPVisionConfig, PIIPVisionModel
 from ..models.piip.image_processing_piip import PIIPImageProcessor
 from ..models.piip_llava.projector import resize_to_grid
 from ..training.data import (
+    TRAINING_PAD_MULTIPLE,
     LlavaDataCollator,
     expand_image_tokens,
     single_token_id,
@@ -412,8 +413,7 @@ class CellTokenConversations:
         self.question_loss = question_loss
         self.image_token_id = single_token_id(tokenizer, IMAGE_PLACEHOLDER)
         self.formats = {name: get_conversation_format(name) for name in ("plain", "vicuna_v1")}
-        # As the trainer pads: a bounded set of shapes keeps the bf16 kernel cache (and memory) from growing.
-        self.collator = LlavaDataCollator(tokenizer.pad_token_id, pad_to_multiple_of=16)
+        self.collator = LlavaDataCollator(tokenizer.pad_token_id, pad_to_multiple_of=TRAINING_PAD_MULTIPLE)
 
     def encode(self, conversation: list[dict], conversation_format: str,
                answers_only: bool = False) -> tuple[list[int], list[int]]:

@@ -33,6 +33,10 @@ from .records import (
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
+# Training batches are padded to a multiple of this length: fewer distinct shapes, so the CPU's bf16 kernels
+# (built and kept per shape) and GPU tensor cores are reused. Without it, a 700-step bf16 run on 2 CPU cores
+# slowed from 0.95 to 1.43 s a step and grew to 5.5 GB. The extra positions are masked and unlabelled.
+TRAINING_PAD_MULTIPLE = 16
 IMAGE_ASPECT_RATIOS = ("pad", "crop")
 
 

@@ -21,7 +21,7 @@ from ..models.piip.image_processing_piip import PIIPImageProcessor
 from ..models.piip_llava import PIIPLlavaForConditionalGeneration
 from ..models.piip_llava.processing_piip_llava import PIIPLlavaProcessor
 from .arguments import PIIPLlavaTrainingArguments, StageOptions
-from .data import LlavaDataCollator, LlavaSupervisedDataset
+from .data import TRAINING_PAD_MULTIPLE, LlavaDataCollator, LlavaSupervisedDataset
 from .freezing import PROJECTOR as PROJECTOR_PART
 from .freezing import apply_lora, merge_lora, parameter_part, set_trainable_parts, write_parameter_report
 from .sampler import ModalityLengthGroupedSampler
@@ -268,9 +268,8 @@ def run_training(
         model=model,
         args=args,
         train_dataset=dataset,
-        # Lengths rounded up to a multiple of 16: fewer distinct shapes, so the CPU's bf16 kernels (built per
-        # shape) and GPU tensor cores are reused; the extra positions are masked and unlabelled.
-        data_collator=LlavaDataCollator(pad_token_id=processor.tokenizer.pad_token_id, pad_to_multiple_of=16),
+        data_collator=LlavaDataCollator(pad_token_id=processor.tokenizer.pad_token_id,
+                                        pad_to_multiple_of=TRAINING_PAD_MULTIPLE),
         processing_class=processor,
         callbacks=callbacks,
     )
