@@ -13,6 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from piip_llava import PIIPLlavaForConditionalGeneration
 from piip_llava.cli import main as cli_main
+from piip_llava.training import precision
 from piip_llava.training.arguments import PIIPLlavaTrainingArguments, StageOptions
 from piip_llava.training.assembly import assemble_piip_llava, load_vision_encoder, save_initial_model
 from piip_llava.training.data import TRAINING_PAD_MULTIPLE
@@ -241,12 +242,18 @@ def test_init_cli_assembles_a_model_that_keeps_the_llm_weights(workspace, tmp_pa
     assert processor_config["num_image_tokens"] == model.config.num_image_tokens == 16
 
 
-def test_bf16_mixed_precision_with_gradient_checkpointing_trains(workspace, tmp_path):
+def test_bf16_mixed_precision_with_gradient_checkpointing_trains(workspace, tmp_path, monkeypatch, caplog):
+    # Seen as a CPU without hardware bfloat16, the run still trains in bf16 and says it is emulated.
+    avx2_only = tmp_path / "cpuinfo"
+    avx2_only.write_text("flags\t\t: fpu sse2 avx avx2 fma\n")
+    monkeypatch.setattr(precision, "CPU_INFO", avx2_only)
     output = tmp_path / "bf16"
-    trainer = run_training(
-        stage_options(workspace, "finetune"),
-        training_arguments(output, max_steps=2, bf16=True, gradient_checkpointing=True),
-    )
+    with caplog.at_level(logging.WARNING):
+        trainer = run_training(
+            stage_options(workspace, "finetune"),
+            training_arguments(output, max_steps=2, bf16=True, gradient_checkpointing=True),
+        )
+    assert "without hardware bfloat16" in caplog.text
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     changed, _ = changed_parts(weights(workspace["init"]), weights(output))

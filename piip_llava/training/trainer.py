@@ -24,6 +24,7 @@ from .arguments import PIIPLlavaTrainingArguments, StageOptions
 from .data import TRAINING_PAD_MULTIPLE, LlavaDataCollator, LlavaSupervisedDataset
 from .freezing import PROJECTOR as PROJECTOR_PART
 from .freezing import apply_lora, merge_lora, parameter_part, set_trainable_parts, write_parameter_report
+from .precision import warn_if_cpu_bf16_is_emulated
 from .sampler import ModalityLengthGroupedSampler
 
 logger = logging.get_logger(__name__)
@@ -262,6 +263,7 @@ def run_training(
     )
     dataset = build_dataset(options, config, processor)
     warn_if_workers_hide_skips(options, args)
+    warn_if_cpu_bf16_is_emulated(args.bf16, args.use_cpu or not torch.cuda.is_available())
     if processor.tokenizer.pad_token_id is None:
         raise ValueError(f"The tokenizer in {options.model_dir} has no pad token; `piip-llava train init` adds one.")
     trainer = PIIPLlavaTrainer(
