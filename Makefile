@@ -34,7 +34,7 @@ test: $(VENV)/installed
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check piip_llava tests scripts benchmarks eval
 
-# Retrain the bundled demo model from scratch (27.5 minutes on 2 cores) and install it.
+# Retrain the bundled demo model from scratch and install it (2 cores: 27.5 minutes with bf16 hardware, about 46 without).
 demo-model: $(VENV)/installed
 	$(PY) scripts/train_demo_model.py --work-dir outputs/demo --install --large-check 600
 

@@ -123,6 +123,25 @@ def test_one_wrong_round_fails_the_question_under_circular_only(tmp_path):
     assert sum(t["vanilla"].correct for t in score.per_category.values()) == score.vanilla.correct
 
 
+def test_predictions_naming_no_option_are_counted_per_category(tmp_path):
+    write_tsv(tmp_path / "dev.tsv", base_rows())
+    items, _ = load_mmbench_items(read_mmbench_table(tmp_path / "dev.tsv"))
+    records = answers_for(items)
+    # The original round of the animal question names nothing that is an option; a later round names a wrong one.
+    texts = {(0, 0): "a hamster", (0, 1): "cat"}
+    for record in records:
+        record["text"] = texts.get((record["question_id"], record["round_id"]), record["text"])
+    score = score_mmbench(records, items)
+    recognition, colour = score.per_category["recognition"], score.per_category["colour"]
+    assert (recognition["no_option"].correct, recognition["no_option"].total) == (1, 1)
+    assert (colour["no_option"].correct, colour["no_option"].total) == (0, 1)
+    assert score.unparsed_predictions == 1
+    metrics = score.to_metrics()["per_category"]
+    assert metrics["recognition"]["vanilla_no_option_percent"] == pytest.approx(100.0)
+    assert metrics["colour"]["vanilla_no_option_percent"] == pytest.approx(0.0)
+    assert "| recognition | 0.00 | 0.00 | 100.00 | 1 |" in score.report()
+
+
 def test_missing_rounds_and_unknown_answers_are_reported(tmp_path):
     write_tsv(tmp_path / "dev.tsv", base_rows())
     items, _ = load_mmbench_items(read_mmbench_table(tmp_path / "dev.tsv"))

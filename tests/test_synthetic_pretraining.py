@@ -22,13 +22,14 @@ from piip_llava.synthetic.pretraining import (
     attribute_loss,
     cell_token_loss,
     length_grouped_loss,
+    look_alike_text,
     pretrain_encoder,
     pretrain_language_model,
     scene_targets,
     training_sample,
 )
 from piip_llava.synthetic.questions import caption, qa_conversation, questions_of_type, scene_statements
-from piip_llava.synthetic.scenes import Scene, SceneText, Shape, generate_scene
+from piip_llava.synthetic.scenes import WORDS, Scene, SceneText, Shape, generate_scene
 from piip_llava.training.data import TRAINING_PAD_MULTIPLE
 
 TINY_CONFIG = "configs/tiny_convnext_clip.json"
@@ -180,8 +181,8 @@ def test_length_grouped_loss_equals_the_loss_of_the_whole_batch_in_one_pass(smal
     cell_embedding = CellAttributeEmbedding(tokenizer, model.get_input_embeddings())
     settings = LanguagePretraining(max_turns=4)
     drawn = [training_sample(conversations, 0, index, settings) for index in range(7)]
-    assert len({len(sample[0]) for _, sample in drawn}) > 1
-    scenes, samples = zip(*drawn)
+    assert len({len(sample.tokens[0]) for sample in drawn}) > 1
+    scenes, samples, _ = zip(*drawn)
     assert conversations.batch(list(samples), list(scenes))["input_ids"].shape[1] % TRAINING_PAD_MULTIPLE == 0
     with torch.no_grad():
         whole = cell_token_loss(model, cell_embedding, conversations.batch(list(samples), list(scenes)),
@@ -201,7 +202,7 @@ def test_training_samples_are_captions_or_question_turns_with_a_supervised_listi
     captions = LanguagePretraining(caption_rate=1.0)
     with_statements = 0
     for index in range(12):
-        scene, (input_ids, labels) = training_sample(conversations, 0, index, listed)
+        scene, (input_ids, labels), _ = training_sample(conversations, 0, index, listed)
         replies = tokenizer.decode([label for label in labels if label != -100])
         statements = scene_statements(scene, random.Random(0))
         if statements:
@@ -210,9 +211,9 @@ def test_training_samples_are_captions_or_question_turns_with_a_supervised_listi
             # The labels are the same whatever order the entries come in: compare the listed words.
             for entry in statements.rstrip(".").split("; "):
                 assert all(word in replies for word in entry.split())
-        _, (input_ids, _) = training_sample(conversations, 0, index, unlisted)
+        _, (input_ids, _), _ = training_sample(conversations, 0, index, unlisted)
         assert "List the shapes." not in tokenizer.decode(input_ids)
-        scene, (input_ids, labels) = training_sample(conversations, 0, index, captions)
+        scene, (input_ids, labels), _ = training_sample(conversations, 0, index, captions)
         assert tokenizer.decode([label for label in labels if label != -100]).replace(" ", "").startswith(
             caption(scene).replace(" ", "")[:20])
     assert with_statements > 0
@@ -301,3 +302,53 @@ def test_stage2_records_without_text_keep_every_other_turn_and_one_image_placeho
     assert stage2_records(small_export, Recipe(text_questions=True)).name == "finetune.json"
     with pytest.raises(ValueError, match="describe_turns"):
         stage2_records(small_export, Recipe(describe_turns=True, text_questions=False))
+
+
+def scenes_with_text(kind: str, count: int) -> list[Scene]:
+    scenes = (generate_scene(random.Random(seed)) for seed in range(1000))
+    return [scene for scene in scenes if scene.text and scene.text.is_number == (kind == "number")][:count]
+
+
+def test_a_look_alike_misreads_only_the_text_keeping_its_form():
+    rng = random.Random(0)
+    for scene in scenes_with_text("number", 20):
+        other = look_alike_text(scene, rng)
+        content, misread = scene.text.content, other.text.content
+        assert len(misread) == len(content) and misread != content and misread[0] != "0" and misread.isdigit()
+        assert other.shapes == scene.shapes and other.text.position == scene.text.position
+    for scene in scenes_with_text("word", 20):
+        misread = look_alike_text(scene, rng).text.content
+        assert misread in WORDS and misread != scene.text.content
+
+
+def test_look_alike_conversations_blur_the_text_cell_and_ask_text_only_as_multiple_choice(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    tokenizer = AutoTokenizer.from_pretrained(random_dir)
+    model = AutoModelForCausalLM.from_pretrained(random_dir).eval()
+    conversations = CellTokenConversations(tokenizer, max_length=2048)
+    cell_embedding = CellAttributeEmbedding(tokenizer, model.get_input_embeddings())
+    always = LanguagePretraining(caption_rate=0.0, max_turns=12, look_alike_text_rate=1.0)
+    never = LanguagePretraining(caption_rate=0.0, max_turns=12)
+    blurred = 0
+    for index in range(12):
+        sample, plain = training_sample(conversations, 0, index, always), training_sample(conversations, 0, index, never)
+        assert plain.look_alike is None and plain.scene == sample.scene
+        if sample.scene.text is None:
+            assert sample.look_alike is None and sample.tokens == plain.tokens
+            continue
+        blurred += 1
+        prompt = tokenizer.decode(sample.tokens[0])
+        asked = prompt.count("written in the image?")
+        assert asked > 0 and asked == prompt.count("written in the image?\nA.")
+        with torch.no_grad():
+            shown = conversations.batch([sample.tokens], [sample.scene], look_alikes=[sample.look_alike])
+            cells = (cell_embedding(shown["targets"], model.get_input_embeddings()),
+                     cell_embedding(shown["look_alike_targets"], model.get_input_embeddings()))
+            unblurred = conversations.batch([sample.tokens], [sample.scene])
+            logits = cell_token_loss(model, cell_embedding, shown, conversations.image_token_id).logits
+            plain_logits = cell_token_loss(model, cell_embedding, unblurred, conversations.image_token_id).logits
+        # Only the text cell differs between the scene and its look-alike, so only it is blurred.
+        differing = (cells[0] != cells[1]).any(-1)[0].nonzero().flatten().tolist()
+        assert len(differing) == 1
+        assert not torch.allclose(logits, plain_logits)
+    assert blurred > 0

@@ -317,7 +317,12 @@ class Tally:
 
 @dataclass
 class MMBenchScore:
-    """Circular and vanilla accuracy (percent), overall and per category, and what did not count."""
+    """Circular and vanilla accuracy (percent), overall and per category, and what did not count.
+
+    Each category also tallies (as "no_option") how often its original-round prediction named no
+    option at all: a model that reads but misreads ("SUM" for "SUN") scores the same as one that
+    picks a wrong option, and this tells the two apart.
+    """
 
     circular: Tally
     vanilla: Tally
@@ -340,11 +345,12 @@ class MMBenchScore:
             f"Vanilla accuracy: {self.vanilla.accuracy:.2f}%",
         ]
         for title, table in (("category", self.per_category), ("l2-category", self.per_l2_category)):
-            lines += ["", f"| {title} | circular | vanilla | questions |", "|---|---:|---:|---:|"]
+            lines += ["", f"| {title} | circular | vanilla | no option named (vanilla) | questions |",
+                      "|---|---:|---:|---:|---:|"]
             for name, tallies in sorted(table.items()):
                 lines.append(
                     f"| {name} | {tallies['circular'].accuracy:.2f} | {tallies['vanilla'].accuracy:.2f} "
-                    f"| {tallies['circular'].total} |"
+                    f"| {tallies['no_option'].accuracy:.2f} | {tallies['circular'].total} |"
                 )
         return "\n".join(lines) + "\n"
 
@@ -357,6 +363,7 @@ class MMBenchScore:
                     "questions": tallies["circular"].total,
                     "circular_correct": tallies["circular"].correct,
                     "vanilla_correct": tallies["vanilla"].correct,
+                    "vanilla_no_option_percent": tallies["no_option"].accuracy,
                 }
                 for name, tallies in sorted(table.items())
             }
@@ -406,22 +413,23 @@ def score_mmbench(records: Iterable[dict], items: Sequence[MMBenchItem]) -> MMBe
         groups.setdefault(item.group_id, []).append(item)
     score = MMBenchScore(circular=Tally(), vanilla=Tally(), per_category={}, per_l2_category={}, unmatched=unmatched)
     for group_id, rounds in groups.items():
-        hits = {}
+        hits, letters = {}, {}
         for item in rounds:
             if item.key in answers:
-                letter = extract_option_letter(answers[item.key].get("text"), item.options)
-                score.unparsed_predictions += letter is None
+                letters[item.key] = extract_option_letter(answers[item.key].get("text"), item.options)
+                score.unparsed_predictions += letters[item.key] is None
                 score.rounds_scored += 1
-                hits[item.key] = letter == item.answer
+                hits[item.key] = letters[item.key] == item.answer
         original = next((item for item in rounds if item.is_original), rounds[0])
         tallies = [
-            table.setdefault(name or "unknown", {"circular": Tally(), "vanilla": Tally()})
+            table.setdefault(name or "unknown", {"circular": Tally(), "vanilla": Tally(), "no_option": Tally()})
             for table, name in ((score.per_category, original.category), (score.per_l2_category, original.l2_category))
         ]
         if original.key in hits:
             score.vanilla.add(hits[original.key])
             for tally in tallies:
                 tally["vanilla"].add(hits[original.key])
+                tally["no_option"].add(letters[original.key] is None)
         if len(hits) < len(rounds):
             (score.incomplete_questions if hits else score.unanswered_questions).append(group_id)
             continue

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..training.precision import cpu_has_native_bf16
+
 logger = logging.get_logger(__name__)
 
 # The LLM: small enough to train from scratch on 2 cores in minutes.
@@ -52,6 +54,11 @@ class Recipe:
     batch_size: int = 16
     encoder_pretraining_steps: int = 1800
     language_pretraining_steps: int = 700
+    # Share of the stage-0 LLM's question conversations that show the text blurred with a look-alike and
+    # ask about it as multiple choice only (`LanguagePretraining.look_alike_text_rate`). The shipped demo model
+    # was trained with 0.2 (docs/training.md): its stage-0 LLM did not learn the choice itself (27% against 25%
+    # chance), but that run came out ahead on every type, colour 100% against 59-62% in two runs without it.
+    look_alike_text_rate: float = 0.2
     # Stage 2 keeps the whole pretrained encoder fixed, as LLaVA-1.5 keeps its CLIP, so the encoder runs
     # without a backward graph. Measured: 1.1 against 1.0 stage-2 steps/s with the interactions
     # training; the LLM on multi-turn prompts dominates. Without it, `freeze_vision_branches` keeps
@@ -68,10 +75,11 @@ class Recipe:
     # began to depend on the image after about 125 steps with 9 tokens, not within 150 with 64.
     projector_grid: int = 3
     # bfloat16 autocast in the LLM's stage 0 and in stages 1 and 2 (`piip-llava train --bf16`); weights stay
-    # float32. On this project's 2-core CPU (AVX-512 BF16) stage 2 ran 1.7x and the stage-0 LLM 1.37x the
-    # float32 steps/s. The encoder's stage 0 stays float32: bf16 gained it 1.2x, and its one bf16 run read
-    # words worse (71% against 88%).
-    bf16: bool = True
+    # float32. On by default only where the CPU has hardware bfloat16 (`cpu_has_native_bf16`): on a 2-core
+    # Intel CPU with AVX512_BF16 stage 2 ran 1.7x and the stage-0 LLM 1.37x the float32 steps/s; on a 2-core
+    # AVX2 EPYC the emulated bf16 took 47 s a stage-0 LLM step against 2.04 s in float32. The encoder's
+    # stage 0 stays float32: bf16 gained it 1.2x, and its one bf16 run read words worse (71% against 88%).
+    bf16: bool = field(default_factory=cpu_has_native_bf16)
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
 
 
@@ -216,7 +224,8 @@ def pretrain_llm(work_dir: Path, data_dir: Path, recipe: Recipe) -> Path:
         raise ValueError(f"Language pretraining reads one token per scene cell, so projector_grid must be {CELL_GRID}, "
                          f"got {recipe.projector_grid}.")
     random_dir = build_llm(work_dir / "llm_random", data_dir, recipe)
-    settings = LanguagePretraining(steps=recipe.language_pretraining_steps, seed=recipe.seed, bf16=recipe.bf16)
+    settings = LanguagePretraining(steps=recipe.language_pretraining_steps, seed=recipe.seed, bf16=recipe.bf16,
+                                   look_alike_text_rate=recipe.look_alike_text_rate)
     return pretrain_language_model(random_dir, work_dir / "llm", settings)
 
 

@@ -27,10 +27,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,8 @@ from ..training.records import record_conversation_messages
 from .export import item_rng
 from .questions import (
     QUESTION_TYPES,
+    TEXT_QUESTION_TYPES,
+    Question,
     caption_conversation,
     make_multiple_choice,
     pick_questions,
@@ -309,8 +313,8 @@ class LanguagePretraining:
     docs/training.md): captions (10%) and conversations of up to 12 of the scene's questions, mostly
     without the short-answer instruction (shorter turns, more answers per token), 80% of them with a
     "List the shapes." turn answered by `scene_statements`, the questions themselves predicted too
-    (`question_loss`), 10% of the questions as multiple choice. The demo recipe runs 700 steps under bf16
-    autocast, about 12 minutes on 2 cores.
+    (`question_loss`), 10% of the questions as multiple choice. The demo recipe runs 700 steps: about 12
+    minutes on 2 cores with bf16 hardware, about 23 in float32 without it (see `training.precision`).
     """
 
     steps: int = 450
@@ -325,6 +329,10 @@ class LanguagePretraining:
     question_pool: str = "all"
     multiple_choice_rate: float = 0.1
     plain_question_rate: float = 0.7
+    # Share of question conversations about a scene with text in which the text cell is blurred with a
+    # look-alike (`look_alike_text`) and every text question is multiple choice: practice in picking the
+    # option that agrees with an uncertain reading (see `training_sample`).
+    look_alike_text_rate: float = 0.0
     # Also predict the user's questions after the image, not only the answers (see `CellTokenConversations`).
     question_loss: bool = True
     max_length: int = 320
@@ -427,23 +435,31 @@ class CellTokenConversations:
             labels = labels[:image_end] + input_ids[image_end:]
         return truncate_sample(input_ids, labels, image_end, self.max_length)
 
-    def batch(self, samples: list[tuple[list[int], list[int]]], scenes: list[Scene], device: str = "cpu") -> dict:
-        """Right-padded ids, labels and attention mask (the trainer's collator), and the scenes' cell attribute
-        ids, on `device`."""
+    def batch(self, samples: list[tuple[list[int], list[int]]], scenes: list[Scene], device: str = "cpu",
+              look_alikes: list[Scene | None] | None = None) -> dict:
+        """Right-padded ids, labels and attention mask (the trainer's collator), and the cell attribute ids of
+        the scenes and of their look-alikes (the scene itself where there is none), on `device`."""
         features = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)} for ids, labels in samples]
         batch = {name: tensor.to(device) for name, tensor in self.collator(features).items()}
-        per_scene = [scene_targets(scene) for scene in scenes]
-        batch["targets"] = {name: torch.tensor([targets[name] for targets in per_scene], device=device)
-                            for name in SCENE_ATTRIBUTES}
+        look_alikes = look_alikes or [None] * len(scenes)
+        for key, shown in (("targets", scenes),
+                           ("look_alike_targets", [other or scene for scene, other in zip(scenes, look_alikes)])):
+            per_scene = [scene_targets(scene) for scene in shown]
+            batch[key] = {name: torch.tensor([targets[name] for targets in per_scene], device=device)
+                          for name in SCENE_ATTRIBUTES}
         return batch
 
 
 def cell_token_loss(model, cell_embedding: CellAttributeEmbedding, batch: dict, image_token_id: int):
     """The LLM's output with each image token's embedding replaced by its cell's token (as LLaVA
-    places projected image features)."""
-    embeddings = model.get_input_embeddings()(batch["input_ids"])
+    places projected image features): the mean of the scene's and its look-alike's cell tokens, which
+    differ only where the look-alike's text does."""
+    word_embeddings = model.get_input_embeddings()
+    embeddings = word_embeddings(batch["input_ids"])
     image_positions = (batch["input_ids"] == image_token_id).unsqueeze(-1)
-    cell_tokens = cell_embedding(batch["targets"], model.get_input_embeddings()).to(embeddings.dtype)
+    cell_tokens = (cell_embedding(batch["targets"], word_embeddings)
+                   + cell_embedding(batch["look_alike_targets"], word_embeddings)) / 2
+    cell_tokens = cell_tokens.to(embeddings.dtype)
     embeddings = embeddings.masked_scatter(image_positions, cell_tokens)
     return model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], labels=batch["labels"])
 
@@ -452,19 +468,66 @@ def cell_token_loss(model, cell_embedding: CellAttributeEmbedding, batch: dict, 
 QUESTION_POOLS = {"pick": pick_questions, "all": shuffled_questions}
 
 
-def training_sample(conversations: CellTokenConversations, seed: int, index: int, settings: LanguagePretraining):
+class DrawnSample(NamedTuple):
+    """A language-pretraining sample: its scene, its token ids and labels, and the scene's look-alike whose
+    cell tokens are averaged with the scene's (None: the scene is shown as it is)."""
+
+    scene: Scene
+    tokens: tuple[list[int], list[int]]
+    look_alike: Scene | None = None
+
+
+def look_alike_text(scene: Scene, rng: random.Random) -> Scene:
+    """The scene with its text misread: another word, or the number with some digits (at least one) replaced.
+
+    The stage-0 encoder reads words 65-88% and each digit 19-50% of the time, so in stage 2 the LLM meets
+    text cells it can only half read. Averaged with the true cell tokens, a look-alike gives such a cell, and the
+    multiple-choice questions asked about it teach the LLM to name the option that agrees with what is
+    legible instead of its own misreading (which names no option and scores like a wrong guess).
+    """
+    content = scene.text.content
+    if scene.text.is_number:
+        places = list(range(len(content)))
+        blurred = [place for place in places if rng.random() < 0.5] or [rng.choice(places)]
+        digits = list(content)
+        for place in blurred:
+            # A leading digit stays non-zero, so the look-alike is a number of the same length.
+            choices = [digit for digit in "0123456789" if digit != content[place] and (place or digit != "0")]
+            digits[place] = rng.choice(choices)
+        content = "".join(digits)
+    else:
+        content = rng.choice([word for word in WORDS if word != content])
+    return replace(scene, text=replace(scene.text, content=content))
+
+
+def as_multiple_choice(items: list, rng: random.Random) -> list:
+    """The items with every open text question turned into multiple choice."""
+    return [make_multiple_choice(item, rng) if isinstance(item, Question) and item.question_type in TEXT_QUESTION_TYPES
+            else item for item in items]
+
+
+def training_sample(conversations: CellTokenConversations, seed: int, index: int,
+                    settings: LanguagePretraining) -> DrawnSample:
     """One fresh scene and its sample: a caption with probability `caption_rate`, else up to `max_turns`
     question turns, with a "List the shapes." turn (`scene_statements`) among them with probability
-    `statement_rate`."""
+    `statement_rate`. With probability `look_alike_text_rate` a question conversation about a scene with
+    text shows the text blurred with a look-alike (`look_alike_text`) and asks its text questions as
+    multiple choice only."""
     scene = generate_scene(item_rng(seed, LANGUAGE_TRAIN_SPLIT, index, "scene"))
     rng = item_rng(seed, LANGUAGE_TRAIN_SPLIT, index, "questions")
     if rng.random() < settings.caption_rate:
-        return scene, conversations.encode(caption_conversation(scene), "plain")
+        return DrawnSample(scene, conversations.encode(caption_conversation(scene), "plain"))
     choose = QUESTION_POOLS[settings.question_pool]
     items = vary_items(choose(scene, rng, settings.max_turns), rng, settings.multiple_choice_rate,
                        settings.plain_question_rate)
     items = with_listing_turn(items, scene, rng, settings.statement_rate)
-    return scene, conversations.encode(qa_conversation(items), "vicuna_v1")
+    look_alike = None
+    # A stream of its own, so that a rate of 0 leaves every other draw as it was.
+    blur_rng = item_rng(seed, LANGUAGE_TRAIN_SPLIT, index, "look-alike")
+    if scene.text is not None and blur_rng.random() < settings.look_alike_text_rate:
+        look_alike = look_alike_text(scene, blur_rng)
+        items = as_multiple_choice(items, blur_rng)
+    return DrawnSample(scene, conversations.encode(qa_conversation(items), "vicuna_v1"), look_alike)
 
 
 def length_grouped_loss(model, cell_embedding, conversations: CellTokenConversations, drawn: list,
@@ -472,13 +535,13 @@ def length_grouped_loss(model, cell_embedding, conversations: CellTokenConversat
     """The mean loss per labelled token over one step's (scene, sample) pairs, run as `length_groups`
     forward passes of samples of similar length (less padding), each weighted by its labelled tokens so
     the result equals one pass over the whole batch."""
-    drawn = sorted(drawn, key=lambda pair: len(pair[1][0]))
+    drawn = sorted(drawn, key=lambda sample: len(sample.tokens[0]))
     group_size = math.ceil(len(drawn) / settings.length_groups)
     groups = [drawn[start:start + group_size] for start in range(0, len(drawn), group_size)]
     total, labelled = 0, 0
     for group in groups:
-        scenes, samples = zip(*group)
-        batch = conversations.batch(list(samples), list(scenes), settings.device)
+        scenes, samples, look_alikes = zip(*group)
+        batch = conversations.batch(list(samples), list(scenes), settings.device, list(look_alikes))
         count = int((batch["labels"][:, 1:] != -100).sum())
         total = total + cell_token_loss(model, cell_embedding, batch, conversations.image_token_id).loss * count
         labelled += count
@@ -491,14 +554,16 @@ def answer_accuracy(model, cell_embedding, conversations: CellTokenConversations
     cell tokens (teacher-forced argmax on every answer token): what it can read from perfect image tokens.
 
     "multiple_choice" is the same over every type's question asked with four options (the reply names
-    the right option, see `MultipleChoice`).
+    the right option, see `MultipleChoice`); "look_alike_text_choice" is the text question asked with
+    four options about the text cell blurred with a look-alike (`look_alike_text`), where only the
+    options tell the two readings apart.
     """
     model.eval()
     correct, asked = Counter(), Counter()
 
-    def check(key: str, item, scene: Scene) -> None:
+    def check(key: str, item, scene: Scene, look_alike: Scene | None = None) -> None:
         sample = conversations.encode(qa_conversation([item]), "vicuna_v1", answers_only=True)
-        batch = conversations.batch([sample], [scene], settings.device)
+        batch = conversations.batch([sample], [scene], settings.device, [look_alike])
         logits = cell_token_loss(model, cell_embedding, batch, conversations.image_token_id).logits
         labels = batch["labels"][0, 1:]
         supervised = labels != -100
@@ -513,6 +578,9 @@ def answer_accuracy(model, cell_embedding, conversations: CellTokenConversations
             if questions:
                 check(question_type, questions[0], scene)
                 check("multiple_choice", make_multiple_choice(questions[0], rng), scene)
+                if question_type in TEXT_QUESTION_TYPES:
+                    check("look_alike_text_choice", make_multiple_choice(questions[0], rng), scene,
+                          look_alike_text(scene, rng))
     model.train()
     return {key: correct[key] / asked[key] for key in asked}
 
