@@ -437,14 +437,16 @@ class CellTokenConversations:
 
     def batch(self, samples: list[tuple[list[int], list[int]]], scenes: list[Scene], device: str = "cpu",
               look_alikes: list[Scene | None] | None = None) -> dict:
-        """Right-padded ids, labels and attention mask (the trainer's collator), and the cell attribute ids of
-        the scenes and of their look-alikes (the scene itself where there is none), on `device`."""
+        """Right-padded ids, labels and attention mask (the trainer's collator), and the scenes' cell attribute
+        ids, on `device`; where any scene has a look-alike, also the look-alikes' (the scene itself where it
+        has none)."""
         features = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)} for ids, labels in samples]
         batch = {name: tensor.to(device) for name, tensor in self.collator(features).items()}
-        look_alikes = look_alikes or [None] * len(scenes)
-        for key, shown in (("targets", scenes),
-                           ("look_alike_targets", [other or scene for scene, other in zip(scenes, look_alikes)])):
-            per_scene = [scene_targets(scene) for scene in shown]
+        shown = {"targets": scenes}
+        if look_alikes and any(look_alikes):
+            shown["look_alike_targets"] = [other or scene for scene, other in zip(scenes, look_alikes)]
+        for key, shown_scenes in shown.items():
+            per_scene = [scene_targets(scene) for scene in shown_scenes]
             batch[key] = {name: torch.tensor([targets[name] for targets in per_scene], device=device)
                           for name in SCENE_ATTRIBUTES}
         return batch
@@ -452,13 +454,14 @@ class CellTokenConversations:
 
 def cell_token_loss(model, cell_embedding: CellAttributeEmbedding, batch: dict, image_token_id: int):
     """The LLM's output with each image token's embedding replaced by its cell's token (as LLaVA
-    places projected image features): the mean of the scene's and its look-alike's cell tokens, which
-    differ only where the look-alike's text does."""
+    places projected image features). Where the batch has look-alikes, each cell token is the mean of the
+    scene's and its look-alike's, which differ only where the look-alike's text does."""
     word_embeddings = model.get_input_embeddings()
     embeddings = word_embeddings(batch["input_ids"])
     image_positions = (batch["input_ids"] == image_token_id).unsqueeze(-1)
-    cell_tokens = (cell_embedding(batch["targets"], word_embeddings)
-                   + cell_embedding(batch["look_alike_targets"], word_embeddings)) / 2
+    cell_tokens = cell_embedding(batch["targets"], word_embeddings)
+    if "look_alike_targets" in batch:
+        cell_tokens = (cell_tokens + cell_embedding(batch["look_alike_targets"], word_embeddings)) / 2
     cell_tokens = cell_tokens.to(embeddings.dtype)
     embeddings = embeddings.masked_scatter(image_positions, cell_tokens)
     return model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"], labels=batch["labels"])
