@@ -57,7 +57,8 @@ class Recipe:
     # Share of the stage-0 LLM's question conversations that show the text blurred with a look-alike and
     # ask about it as multiple choice only (`LanguagePretraining.look_alike_text_rate`). The shipped demo model
     # was trained with 0.2 (docs/training.md): its stage-0 LLM did not learn the choice itself (27% against 25%
-    # chance), but that run came out ahead on every type, colour 100% against 59-62% in two runs without it.
+    # chance), but that run reached colour 100% against 59-62% in two runs without it, equal or better on every
+    # other type in the open format; its multiple-choice text stayed at chance like theirs.
     look_alike_text_rate: float = 0.2
     # Stage 2 keeps the whole pretrained encoder fixed, as LLaVA-1.5 keeps its CLIP, so the encoder runs
     # without a backward graph. Measured: 1.1 against 1.0 stage-2 steps/s with the interactions
