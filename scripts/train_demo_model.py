@@ -30,12 +30,12 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from piip_llava.synthetic.pipeline import (
     Recipe,
     evaluate,
+    evaluate_on_larger_split,
     export_data,
     pretrain_llm,
     pretrain_vision_encoder,
@@ -76,14 +76,16 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 def results_markdown(results: dict, stats: dict) -> str:
     """The held-out scores per question type beside uniform chance and the majority-answer baseline, as markdown."""
     chance, majority = stats["chance_accuracy"], stats["majority_answer_accuracy"]
-    by_type, mmbench = results["textvqa_by_type"], results["mmbench"]
+    by_type, mmbench, by_likelihood = results["textvqa_by_type"], results["mmbench"], results["mmbench_likelihood"]
     lines = [
         ("| question type | TextVQA format | chance | majority answer | MMBench format (vanilla) | chance "
-         "| majority answer | MMBench circular | chance | MMBench replies naming no option |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+         "| majority answer | MMBench circular | chance | MMBench replies naming no option "
+         "| MMBench by likelihood (vanilla) | MMBench by likelihood (circular) |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for question_type in QUESTION_TYPES:
         category = mmbench["per_category"][question_type]
+        likely = by_likelihood["per_category"][question_type]
         lines.append(
             f"| {question_type} ({by_type[question_type]['samples']} + {category['questions']} questions) "
             f"| {by_type[question_type]['accuracy']:.0f} | {100 * chance['textvqa'][question_type]:.1f} "
@@ -91,14 +93,16 @@ def results_markdown(results: dict, stats: dict) -> str:
             f"| {100 * chance['mmbench'][question_type]['vanilla']:.0f} "
             f"| {100 * majority['mmbench_vanilla'][question_type]:.0f} "
             f"| {category['circular_accuracy']:.0f} | {100 * chance['mmbench'][question_type]['circular']:.1f} "
-            f"| {category['vanilla_no_option_percent']:.0f} |"
+            f"| {category['vanilla_no_option_percent']:.0f} "
+            f"| {likely['vanilla_accuracy']:.0f} | {likely['circular_accuracy']:.0f} |"
         )
     # Every MMBench-format question has the same number of options, so one type's chance is the split's.
     split_chance = chance["mmbench"][QUESTION_TYPES[0]]
     lines.append(
         f"| all | {results['textvqa']['accuracy']:.1f} | | | {mmbench['vanilla_accuracy']:.1f} "
         f"| {100 * split_chance['vanilla']:.0f} | | {mmbench['circular_accuracy']:.1f} "
-        f"| {100 * split_chance['circular']:.1f} | |"
+        f"| {100 * split_chance['circular']:.1f} | | {by_likelihood['vanilla_accuracy']:.1f} "
+        f"| {by_likelihood['circular_accuracy']:.1f} |"
     )
     return "\n".join(lines) + "\n"
 
@@ -112,7 +116,11 @@ def results_document(results: dict, stats: dict, check: dict | None = None, chec
          "\"majority answer\" always gives the split's most frequent answer (for MMBench, letter). Circular: a "
          "question counts only when every rotation of its options is answered right. \"Naming no option\": the "
          "share of the MMBench-format replies (original order of the options) that the answer matching could not "
-         "map to any option, such as a misread word; each of them scores as a wrong answer.\n\n"),
+         "map to any option, such as a misread word; each of them scores as a wrong answer. \"By likelihood\": the "
+         "same MMBench-format questions answered by the option the model is most likely to reply with "
+         "(`piip-llava eval mmbench --answer-by likelihood`, lm-evaluation-harness's way of scoring multiple "
+         "choice), which every reply names; it shows what the model knows about the options, beside MMBench's "
+         "own generation protocol, not in its place.\n\n"),
         f"## The training run's held-out split ({images} images)\n\n",
         results_markdown(results, stats),
     ]
@@ -120,13 +128,6 @@ def results_document(results: dict, stats: dict, check: dict | None = None, chec
         parts += [f"\n## A larger held-out split from the same generator ({check_stats['eval']['images']} images)\n\n",
                   results_markdown(check, check_stats)]
     return "".join(parts)
-
-
-def large_check(work_dir: Path, model_dir: Path, recipe: Recipe, images: int) -> tuple[dict, dict]:
-    """Scores on a held-out split of `images` images (seeded like the run's own, so it begins with the same images)."""
-    data_dir = export_data(work_dir / "large_check" / "data", replace(recipe, train_images=0, eval_images=images))
-    results = evaluate(work_dir / "large_check" / "eval", data_dir, model_dir, recipe)
-    return results, json.loads((data_dir / "stats.json").read_text())
 
 
 def install(model_dir: Path, results: dict, stats: dict, check: dict | None = None,
@@ -156,7 +157,11 @@ def main(argv=None) -> int:
     model_dir = train_two_stages(work_dir / "piip", encoder_dir, data_dir, llm_dir, recipe)
     results = evaluate(work_dir / "piip" / "eval", data_dir, model_dir, recipe)
     logger.info("TextVQA-format accuracy per question type: " + json.dumps(results["textvqa_by_type"]))
-    check, check_stats = large_check(work_dir, model_dir, recipe, args.large_check) if args.large_check else (None, None)
+    check, check_stats = None, None
+    if args.large_check:
+        # The same place as scripts/piip_experiment.py scores its `piip` variant, so either script reuses the other's.
+        check, check_stats = evaluate_on_larger_split(work_dir, work_dir / "piip" / "large_check" / "eval",
+                                                      model_dir, recipe, args.large_check)
     if args.install:
         install(model_dir, results, json.loads((data_dir / "stats.json").read_text()), check, check_stats)
     return 0

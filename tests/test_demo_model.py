@@ -103,15 +103,18 @@ def test_the_results_table_sets_each_score_beside_chance_and_the_majority_answer
         (row,) = [row for row in rows if row.startswith(f"| {kind} (")]
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         category = results["mmbench"]["per_category"][kind]
+        likely = results["mmbench_likelihood"]["per_category"][kind]
         assert cells[1:] == [
             f"{results['textvqa_by_type'][kind]['accuracy']:.0f}", f"{number + 1:.1f}", f"{number + 11}",
             f"{category['vanilla_accuracy']:.0f}", "25", f"{number + 21}", f"{category['circular_accuracy']:.0f}", "0.4",
-            f"{category['vanilla_no_option_percent']:.0f}",
+            f"{category['vanilla_no_option_percent']:.0f}", f"{likely['vanilla_accuracy']:.0f}",
+            f"{likely['circular_accuracy']:.0f}",
         ]
     total = [cell.strip() for cell in rows[-1].strip("|").split("|")]
-    mmbench = results["mmbench"]
+    mmbench, by_likelihood = results["mmbench"], results["mmbench_likelihood"]
     assert total == ["all", f"{results['textvqa']['accuracy']:.1f}", "", "", f"{mmbench['vanilla_accuracy']:.1f}", "25",
-                     "", f"{mmbench['circular_accuracy']:.1f}", "0.4", ""]
+                     "", f"{mmbench['circular_accuracy']:.1f}", "0.4", "", f"{by_likelihood['vanilla_accuracy']:.1f}",
+                     f"{by_likelihood['circular_accuracy']:.1f}"]
     stats["eval"] = {"images": 150}
     document = script.results_document(results, stats, results, {**stats, "eval": {"images": 600}})
     assert "(150 images)" in document and "(600 images)" in document and document.count("| all |") == 2

@@ -331,3 +331,13 @@ def test_cli_writes_the_dataset_and_reports_bad_arguments(tmp_path, capsys):
     bad = parser.parse_args(["synthetic", "--out", str(tmp_path), "--image-size", "32", "--no-progress"])
     assert bad.handler(bad) == 2
     assert "image_size must be an integer of at least 64" in capsys.readouterr().err
+
+
+def test_a_larger_check_split_of_another_size_is_refused_not_silently_reused(tmp_path):
+    from piip_llava.synthetic.pipeline import Recipe, evaluate_on_larger_split
+
+    data_dir = tmp_path / "large_check" / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "stats.json").write_text(json.dumps({"eval": {"images": 12}}))
+    with pytest.raises(ValueError, match="holds a 12-image split, not 600"):
+        evaluate_on_larger_split(tmp_path, tmp_path / "eval", tmp_path / "model", Recipe(), 600)

@@ -15,9 +15,12 @@ class AnswerRequest:
     `key` identifies the answer for resuming (e.g. (question_id, round_id)); `record` holds the
     fields LLaVA's answer files carry besides the generated text; `load_image` is called only when
     the request's batch comes up, so a broken image costs one skipped question, not the run.
+    `choices` are the replies a multiple-choice question can be answered with, for answering by
+    likelihood (`piip_llava.evaluation.likelihood`); empty for open questions.
     """
 
     key: tuple
     question: str
     load_image: Callable[[], Image.Image]
     record: dict
+    choices: tuple[str, ...] = ()

@@ -86,6 +86,12 @@ def add_parser(subparsers) -> None:
     mmbench = eval_commands.add_parser("mmbench", help="MMBench with all circular rounds.")
     add_generation_arguments(mmbench)
     add_mmbench_sources(mmbench)
+    mmbench.add_argument("--answer-by", default="generation", choices=["generation", "likelihood"],
+                         help="generation: greedy replies matched to options (MMBench's protocol); likelihood: the "
+                         "option the model is most likely to reply with, as lm-evaluation-harness scores "
+                         "multiple choice (report it beside the generation score, not as it).")
+    mmbench.add_argument("--likelihood-target", default="option", choices=["option", "letter"],
+                         help="With --answer-by likelihood: score each option's text, or its letter, as the reply.")
     mmbench.set_defaults(handler=reporting_usage_errors(run_eval_mmbench))
 
     score_parser = subparsers.add_parser("score", help="Score an existing answers file.")
@@ -127,6 +133,7 @@ def generate_and_merge(args, requests, key_fields, description: str) -> tuple[bo
             key_fields=key_fields,
             model_id=args.model_id or Path(os.path.normpath(args.model_path)).name,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            answer_by=getattr(args, "answer_by", "generation"),
             description=f"{description} (shard {shard.index + 1}/{shard.count})" if shard.count > 1 else description,
         )
         print(f"{description}: {summary.describe()}")
@@ -226,7 +233,7 @@ def run_eval_mmbench(args) -> int:
     from .mmbench import KEY_FIELDS, mmbench_requests
 
     table, items, skipped = mmbench_inputs(args)
-    requests = mmbench_requests(table, items, lang=args.lang)
+    requests = mmbench_requests(table, items, lang=args.lang, likelihood_target=args.likelihood_target)
     ready, generation_skipped = generate_and_merge(args, requests, KEY_FIELDS, "MMBench")
     if not ready:
         return 0

@@ -24,6 +24,7 @@ from .answers_file import append_answers, count_keys, repair_answers_file
 logger = logging.get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ANSWERING_METHODS = ("generation", "likelihood")
 
 
 @dataclass
@@ -102,7 +103,7 @@ def load_batch_images(batch: Sequence[AnswerRequest], summary: GenerationSummary
     return usable, images
 
 
-def answer_record(fields: dict, text: str, model_id: str) -> dict:
+def answer_record(fields: dict, text: str, model_id: str, metadata: dict | None = None) -> dict:
     """An answer line in LLaVA's field order: the question's fields with "text" after "prompt", then ids."""
     record = {}
     for name, value in fields.items():
@@ -110,8 +111,37 @@ def answer_record(fields: dict, text: str, model_id: str) -> dict:
         if name == "prompt":
             record["text"] = text
     record.setdefault("text", text)
-    record.update(answer_id=uuid.uuid4().hex, model_id=model_id, metadata={})
+    record.update(answer_id=uuid.uuid4().hex, model_id=model_id, metadata=metadata or {})
     return record
+
+
+def answers_by_likelihood(model, processor, requests: Sequence[AnswerRequest], images: Sequence[Image.Image],
+                          model_id: str) -> list[dict]:
+    """Answer records whose text is each request's most likely choice, with every choice's log-likelihood."""
+    from .likelihood import most_likely_replies
+
+    for request in requests:
+        if not request.choices:
+            raise ValueError(f"Question {request.key} has no choices, so it cannot be answered by likelihood.")
+    chosen = most_likely_replies(model, processor, [request.question for request in requests], images,
+                                 [request.choices for request in requests])
+    records = []
+    for request, (reply, scores) in zip(requests, chosen):
+        metadata = {"answer_by": "likelihood", "choices": list(request.choices), "log_likelihoods": scores}
+        records.append(answer_record(request.record, reply, model_id, metadata))
+    return records
+
+
+def answering_method(record: dict) -> str:
+    return (record.get("metadata") or {}).get("answer_by", "generation")
+
+
+def check_answering_method(records: Sequence[dict], answer_by: str, answers_path) -> None:
+    """Refuse to resume an answers file written by the other method: one file, one protocol."""
+    methods = {answering_method(record) for record in records}
+    if methods - {answer_by}:
+        raise ValueError(f"{answers_path} holds answers made by {', '.join(sorted(methods))}, not by {answer_by}; "
+                         "write these answers to another file.")
 
 
 def pending_requests(requests: Sequence[AnswerRequest], answered: dict) -> list[AnswerRequest]:
@@ -137,11 +167,19 @@ def generate_answers(
     batch_size: int = 8,
     max_new_tokens: int = 128,
     description: str = "Answering",
+    answer_by: str = "generation",
 ) -> GenerationSummary:
-    """Answer every request not yet in `answers_path`, appending each batch as soon as it is done."""
+    """Answer every request not yet in `answers_path`, appending each batch as soon as it is done.
+
+    `answer_by` is "generation" (greedy decoding) or "likelihood" (the most likely of each request's
+    `choices`, see `piip_llava.evaluation.likelihood`).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if answer_by not in ANSWERING_METHODS:
+        raise ValueError(f"answer_by must be one of {', '.join(ANSWERING_METHODS)}, got {answer_by!r}.")
     existing = repair_answers_file(answers_path)
+    check_answering_method(existing.records, answer_by, answers_path)
     summary = GenerationSummary(requested=len(requests))
     pending = pending_requests(requests, count_keys(existing.records, key_fields))
     summary.already_answered = len(requests) - len(pending)
@@ -152,8 +190,11 @@ def generate_answers(
         batch = pending[start : start + batch_size]
         usable, images = load_batch_images(batch, summary)
         if usable:
-            texts = answer_batch(model, processor, [request.question for request in usable], images, max_new_tokens)
-            records = [answer_record(request.record, text, model_id) for request, text in zip(usable, texts)]
+            if answer_by == "likelihood":
+                records = answers_by_likelihood(model, processor, usable, images, model_id)
+            else:
+                texts = answer_batch(model, processor, [request.question for request in usable], images, max_new_tokens)
+                records = [answer_record(request.record, text, model_id) for request, text in zip(usable, texts)]
             append_answers(answers_path, records)
             summary.generated += len(records)
         progress.update(len(batch))

@@ -40,6 +40,8 @@ ANSWER_INSTRUCTIONS = {
     "cn": "请直接回答选项字母。",
 }
 KEY_FIELDS = ("question_id", "round_id")
+# What answering by likelihood scores as the assistant's reply: each option's text, or its letter.
+LIKELIHOOD_TARGETS = ("option", "letter")
 CIRCULAR_COPY_OFFSET = 1_000_000
 # Columns LLaVA's convert_mmbench_for_submission.py drops, and where it puts the prediction column.
 SUBMISSION_DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
@@ -228,9 +230,13 @@ def decode_row_image(frame: pd.DataFrame, position: int) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(value, validate=True)))
 
 
-def mmbench_requests(table: MMBenchTable, items: Sequence[MMBenchItem], lang: str = "en") -> list[AnswerRequest]:
+def mmbench_requests(table: MMBenchTable, items: Sequence[MMBenchItem], lang: str = "en",
+                     likelihood_target: str = "option") -> list[AnswerRequest]:
+    """One request per round; its choices, for answering by likelihood, are the options' texts or their letters."""
     if lang not in ANSWER_INSTRUCTIONS:
         raise ValueError(f"lang must be one of {', '.join(ANSWER_INSTRUCTIONS)}, got {lang!r}.")
+    if likelihood_target not in LIKELIHOOD_TARGETS:
+        raise ValueError(f"likelihood_target must be one of {', '.join(LIKELIHOOD_TARGETS)}, got {likelihood_target!r}.")
     requests = []
     for item in items:
         record = {
@@ -246,6 +252,7 @@ def mmbench_requests(table: MMBenchTable, items: Sequence[MMBenchItem], lang: st
                 question=f"{item.prompt}\n{ANSWER_INSTRUCTIONS[lang]}",
                 load_image=partial(decode_row_image, table.frame, item.image_row),
                 record=record,
+                choices=item.options if likelihood_target == "option" else OPTION_LETTERS[: len(item.options)],
             )
         )
     return requests

@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers.utils import logging
@@ -273,18 +273,19 @@ def train_two_stages(
     return stage2_dir
 
 
-def evaluate(eval_dir: Path, data_dir: Path, model_dir: Path, recipe: Recipe) -> dict:
+def evaluate(eval_dir: Path, data_dir: Path, model_dir: Path, recipe: Recipe, by_likelihood: bool = True) -> dict:
     """Answers and scores on the held-out splits through the evaluation harness, per question type.
 
     Returns and writes (`results.json`) the TextVQA-format accuracy per question type, the
-    MMBench-format vanilla and circular accuracy per category, and chance levels.
+    MMBench-format vanilla and circular accuracy per category, answered by generation (MMBench's
+    protocol) and, unless `by_likelihood` is off, by likelihood (`piip_llava.evaluation.likelihood`: 16
+    forward passes per question, the costliest part), and chance levels. Each benchmark resumes from its
+    answers file, so a finished evaluation only scores again.
     """
     from ..evaluation.answers_file import read_answers
     from ..evaluation.textvqa import load_annotations, score_textvqa
 
     results_file = eval_dir / "results.json"
-    if results_file.exists():
-        return json.loads(results_file.read_text())
     eval_dir.mkdir(parents=True, exist_ok=True)
     splits = data_dir / "eval"
     run_cli("eval", "textvqa", "--model-path", str(model_dir), "--question-file",
@@ -297,6 +298,12 @@ def evaluate(eval_dir: Path, data_dir: Path, model_dir: Path, recipe: Recipe) ->
             "--answers-file", str(eval_dir / "mmbench_answers.jsonl"),
             "--metrics-file", str(eval_dir / "mmbench_metrics.json"), "--batch-size", "16",
             "--max-new-tokens", "10", threads=recipe.threads)
+    likelihood_metrics = eval_dir / "mmbench_likelihood_metrics.json"
+    if by_likelihood:
+        run_cli("eval", "mmbench", "--model-path", str(model_dir), "--question-file", str(splits / "mmbench_dev.tsv"),
+                "--answers-file", str(eval_dir / "mmbench_likelihood_answers.jsonl"),
+                "--metrics-file", str(likelihood_metrics), "--batch-size", "16", "--answer-by", "likelihood",
+                threads=recipe.threads)
 
     question_types = json.loads((splits / "question_types.json").read_text())
     annotations = load_annotations(splits / "textvqa_annotations.json")
@@ -312,9 +319,25 @@ def evaluate(eval_dir: Path, data_dir: Path, model_dir: Path, recipe: Recipe) ->
         "textvqa": json.loads((eval_dir / "textvqa_metrics.json").read_text()),
         "textvqa_by_type": by_type,
         "mmbench": json.loads((eval_dir / "mmbench_metrics.json").read_text()),
+        **({"mmbench_likelihood": json.loads(likelihood_metrics.read_text())} if by_likelihood else {}),
         "chance": stats.get("chance_accuracy"),
     }
     temporary = results_file.with_suffix(".tmp")
     temporary.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(temporary, results_file)
     return results
+
+
+def evaluate_on_larger_split(work_dir: Path, eval_dir: Path, model_dir: Path, recipe: Recipe,
+                             images: int, by_likelihood: bool = True) -> tuple[dict, dict]:
+    """`evaluate` on a held-out split of `images` images, and that split's stats.
+
+    The split is written once under `work_dir/large_check/data`, seeded like the run's own (so it begins
+    with the same images), and shared by every model scored in that work directory.
+    """
+    data_dir = export_data(work_dir / "large_check" / "data", replace(recipe, train_images=0, eval_images=images))
+    stats = json.loads((data_dir / "stats.json").read_text())
+    if stats["eval"]["images"] != images:
+        raise ValueError(f"{data_dir} holds a {stats['eval']['images']}-image split, not {images}; "
+                         "remove it or ask for that size.")
+    return evaluate(eval_dir, data_dir, model_dir, recipe, by_likelihood), stats
