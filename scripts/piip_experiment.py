@@ -75,8 +75,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="also score every variant on a larger held-out split of this many images (0: only the "
                              "run's own split); 600 gives 100 questions per type and format")
     parser.add_argument("--large-check-by-likelihood", action=argparse.BooleanOptionalAction, default=True,
-                        help="also answer the larger split's MMBench questions by likelihood (about 14 minutes a "
-                             "variant on 2 busy cores for 600 images; the run's own split always is)")
+                        help="also answer the larger split's MMBench questions by likelihood (every option of "
+                             "every round is scored, the costliest part; the run's own split always is)")
     Recipe.add_arguments(parser)
     return parser.parse_args(argv)
 

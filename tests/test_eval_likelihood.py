@@ -13,7 +13,7 @@ from test_eval_end_to_end import mmbench_args, mmbench_rows
 from piip_llava.cli import main
 from piip_llava.evaluation.answers_file import read_answers
 from piip_llava.evaluation.generation import load_model_and_processor
-from piip_llava.evaluation.likelihood import most_likely_replies, reply_log_likelihoods, reply_texts, reply_token_count
+from piip_llava.evaluation.likelihood import most_likely_replies, reply_log_likelihoods, reply_texts, reply_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -21,22 +21,34 @@ def tiny_model(tiny_model_dir):
     return load_model_and_processor(str(tiny_model_dir), device="cpu")
 
 
-def test_batched_left_padded_scores_equal_each_reply_scored_alone(tiny_model, rgb_image):
+def whole_conversation_log_likelihood(model, processor, question, image, reply) -> float:
+    """The reference: one unpadded row holding the whole conversation, its reply tokens' log-probabilities summed."""
+    prompt, full = reply_texts(processor, question, reply)
+    count = len(reply_token_ids(processor.tokenizer, prompt, full))
+    inputs = processor(text=[full], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        log_probabilities = torch.log_softmax(model(**inputs).logits[0].float(), dim=-1)
+    targets = inputs["input_ids"][0, -count:]
+    return log_probabilities[-count - 1 : -1].gather(-1, targets.unsqueeze(-1)).sum().item()
+
+
+def test_cached_batched_scores_equal_each_whole_conversation_scored_alone(tiny_model, rgb_image):
     model, processor = tiny_model
     other_image = rgb_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    questions = ["Which animal?\nA. cat\nB. elephant", "What is it?"]
-    # Replies of different lengths, so the batch pads the shorter rows; two questions and images in one pass.
+    # Prompts of different lengths (left padding in the prompt pass) and replies of different lengths (right
+    # padding in the reply pass); two questions, two images, one call.
+    questions = ["Which animal is in the picture, and where?\nA. cat\nB. elephant", "What is it?"]
     replies = [["cat", "an elephant on the left", "B"], ["dog", "a red circle"]]
-    batched = reply_log_likelihoods(model, processor, questions, [rgb_image, other_image], replies)
-    alone = [[reply_log_likelihoods(model, processor, [question], [image], [[reply]])[0][0] for reply in choices]
-             for question, image, choices in zip(questions, [rgb_image, other_image], replies)]
+    images = [rgb_image, other_image]
+    batched = reply_log_likelihoods(model, processor, questions, images, replies)
     assert [len(scores) for scores in batched] == [3, 2]
-    for batched_scores, alone_scores in zip(batched, alone):
-        assert batched_scores == pytest.approx(alone_scores, abs=1e-4)
-        assert all(score < 0 for score in batched_scores)
-    chosen = most_likely_replies(model, processor, questions, [rgb_image, other_image], replies)
+    for question, image, choices, scores in zip(questions, images, replies, batched):
+        reference = [whole_conversation_log_likelihood(model, processor, question, image, reply) for reply in choices]
+        assert scores == pytest.approx(reference, abs=1e-4)
+        assert all(score < 0 for score in scores)
+    chosen = most_likely_replies(model, processor, questions, images, replies)
     for (reply, scores), choices, batched_scores in zip(chosen, replies, batched):
-        assert scores == pytest.approx(batched_scores, abs=1e-6)
+        assert scores == pytest.approx(batched_scores, abs=1e-5)
         assert reply == choices[max(range(len(choices)), key=batched_scores.__getitem__)]
 
 
@@ -44,8 +56,7 @@ def test_a_reply_score_is_the_sum_of_its_tokens_log_probabilities_with_the_end_m
     model, processor = tiny_model
     prompt, full = reply_texts(processor, "What is it?", "cat")
     assert full.startswith(prompt) and full.endswith("</s>")
-    count = reply_token_count(processor.tokenizer, prompt, full)
-    reply_ids = processor.tokenizer(full, add_special_tokens=False)["input_ids"][-count:]
+    reply_ids = reply_token_ids(processor.tokenizer, prompt, full)
     assert processor.tokenizer.convert_ids_to_tokens(reply_ids)[-1] == "</s>"
     # Score token by token from the prompt alone, feeding each reply token back, as generation would.
     inputs = processor(text=[prompt], images=[rgb_image], return_tensors="pt")
@@ -63,7 +74,7 @@ def test_a_reply_score_is_the_sum_of_its_tokens_log_probabilities_with_the_end_m
 def test_a_template_whose_reply_does_not_extend_the_prompt_is_refused(tiny_model):
     _, processor = tiny_model
     with pytest.raises(ValueError, match="does not extend the generation prompt"):
-        reply_token_count(processor.tokenizer, "USER: hi ASSISTANT: yes", "USER: hi ASSISTANT:")
+        reply_token_ids(processor.tokenizer, "USER: hi ASSISTANT: yes", "USER: hi ASSISTANT:")
 
 
 def test_right_padding_is_refused(tiny_model_dir, rgb_image):

@@ -26,8 +26,8 @@ def reply_texts(processor, question: str, reply: str) -> tuple[str, str]:
     return prompt, full
 
 
-def reply_token_count(tokenizer, prompt: str, full: str) -> int:
-    """How many tokens the assistant's turn adds to the prompt; the prompt's tokens must be a prefix of the whole's."""
+def reply_token_ids(tokenizer, prompt: str, full: str) -> list[int]:
+    """The tokens the assistant's turn adds to the prompt; the prompt's tokens must be a prefix of the whole's."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
@@ -35,37 +35,59 @@ def reply_token_count(tokenizer, prompt: str, full: str) -> int:
             "The chat template's assistant turn does not extend the generation prompt token by token, so a "
             f"reply's likelihood cannot be read off: prompt ends {prompt[-40:]!r}, conversation ends {full[-40:]!r}."
         )
-    return len(full_ids) - len(prompt_ids)
+    return full_ids[len(prompt_ids):]
+
+
+def right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in sequences)
+    ids = torch.tensor([[*row, *[pad_id] * (width - len(row))] for row in sequences])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in sequences])
+    return ids, mask
 
 
 @torch.inference_mode()
 def reply_log_likelihoods(model, processor, questions: Sequence[str], images: Sequence[Image.Image],
                           replies: Sequence[Sequence[str]]) -> list[list[float]]:
-    """log P(reply | image, question) for each question's replies, as whole assistant turns, in one forward pass.
+    """log P(reply | image, question) for each question's replies, as whole assistant turns.
 
-    Every (question, reply) pair is a row; rows are left-padded (`load_model_and_processor`), so each reply's
-    tokens end its row and the logits one position earlier predict them.
+    Two forward passes: the prompts (left-padded, images and all), then every reply at once, each row
+    continuing its question's key/value cache (repeated once per reply) and right-padded after it. The
+    image and the prompt are encoded once per question instead of once per reply, about 4x less work for
+    four options; the result is the same as scoring each whole conversation (tests compare the two).
     """
-    if processor.tokenizer.padding_side != "left":
-        raise ValueError("Likelihood scoring reads each reply at the end of its row: the tokenizer must pad on the left.")
-    texts, row_images, reply_lengths = [], [], []
-    for question, image, choices in zip(questions, images, replies, strict=True):
+    tokenizer = processor.tokenizer
+    if tokenizer.padding_side != "left":
+        raise ValueError("Likelihood scoring continues each prompt at the end of its row: the tokenizer must pad on "
+                         "the left.")
+    prompts, reply_ids = [], []
+    for question, choices in zip(questions, replies, strict=True):
         if not choices:
             raise ValueError(f"No replies to score for question {question[:60]!r}.")
-        for reply in choices:
-            prompt, full = reply_texts(processor, question, reply)
-            texts.append(full)
-            row_images.append(image)
-            reply_lengths.append(reply_token_count(processor.tokenizer, prompt, full))
-    inputs = processor(text=texts, images=row_images, return_tensors="pt", padding=True)
+        texts = [reply_texts(processor, question, reply) for reply in choices]
+        prompts.append(texts[0][0])
+        reply_ids.extend(reply_token_ids(tokenizer, prompt, full) for prompt, full in texts)
+    inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
     inputs = inputs.to(model.device, dtype=model.dtype)
-    log_probabilities = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
-    input_ids = inputs["input_ids"]
+    prompt_pass = model(**inputs, use_cache=True)
+    first_token_log_probabilities = torch.log_softmax(prompt_pass.logits[:, -1].float(), dim=-1)
+
+    counts = torch.tensor([len(choices) for choices in replies], device=model.device)
+    question_of_row = torch.repeat_interleave(torch.arange(len(prompts), device=model.device), counts)
+    cache = prompt_pass.cache
+    cache.reorder_cache(question_of_row)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reply_input, reply_mask = right_padded(reply_ids, pad_id)
+    attention_mask = torch.cat([inputs["attention_mask"][question_of_row], reply_mask.to(model.device)], dim=1)
+    reply_pass = model(input_ids=reply_input.to(model.device), attention_mask=attention_mask, cache=cache)
+    later_log_probabilities = torch.log_softmax(reply_pass.logits.float(), dim=-1)
+
     row_scores = []
-    for row, length in enumerate(reply_lengths):
-        targets = input_ids[row, -length:]
-        predicted = log_probabilities[row, -length - 1 : -1]
-        row_scores.append(predicted.gather(-1, targets.unsqueeze(-1)).sum().item())
+    for row, ids in enumerate(reply_ids):
+        total = first_token_log_probabilities[question_of_row[row], ids[0]]
+        if len(ids) > 1:
+            steps = torch.arange(len(ids) - 1, device=model.device)
+            total = total + later_log_probabilities[row, steps, torch.tensor(ids[1:], device=model.device)].sum()
+        row_scores.append(total.item())
     scores, start = [], 0
     for choices in replies:
         scores.append(row_scores[start : start + len(choices)])

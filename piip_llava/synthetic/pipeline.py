@@ -278,9 +278,9 @@ def evaluate(eval_dir: Path, data_dir: Path, model_dir: Path, recipe: Recipe, by
 
     Returns and writes (`results.json`) the TextVQA-format accuracy per question type, the
     MMBench-format vanilla and circular accuracy per category, answered by generation (MMBench's
-    protocol) and, unless `by_likelihood` is off, by likelihood (`piip_llava.evaluation.likelihood`: 16
-    forward passes per question, the costliest part), and chance levels. Each benchmark resumes from its
-    answers file, so a finished evaluation only scores again.
+    protocol) and, unless `by_likelihood` is off, by likelihood (`piip_llava.evaluation.likelihood`: every
+    option of every round is scored, the costliest part), and chance levels. Each benchmark resumes from
+    its answers file, so a finished evaluation only scores again.
     """
     from ..evaluation.answers_file import read_answers
     from ..evaluation.textvqa import load_annotations, score_textvqa
