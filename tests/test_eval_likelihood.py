@@ -12,8 +12,13 @@ from test_eval_end_to_end import mmbench_args, mmbench_rows
 
 from piip_llava.cli import main
 from piip_llava.evaluation.answers_file import read_answers
-from piip_llava.evaluation.generation import load_model_and_processor
-from piip_llava.evaluation.likelihood import most_likely_replies, reply_log_likelihoods, reply_texts, reply_token_ids
+from piip_llava.evaluation.generation import chat_prompt, load_model_and_processor
+from piip_llava.evaluation.likelihood import (
+    conversation_with_reply,
+    most_likely_replies,
+    reply_log_likelihoods,
+    reply_token_ids,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +26,15 @@ def tiny_model(tiny_model_dir):
     return load_model_and_processor(str(tiny_model_dir), device="cpu")
 
 
+def reply_ids_of(processor, question, reply):
+    prompt_ids = processor.tokenizer(chat_prompt(processor, question), add_special_tokens=False)["input_ids"]
+    return reply_token_ids(processor.tokenizer, prompt_ids, conversation_with_reply(processor, question, reply))
+
+
 def whole_conversation_log_likelihood(model, processor, question, image, reply) -> float:
     """The reference: one unpadded row holding the whole conversation, its reply tokens' log-probabilities summed."""
-    prompt, full = reply_texts(processor, question, reply)
-    count = len(reply_token_ids(processor.tokenizer, prompt, full))
-    inputs = processor(text=[full], images=[image], return_tensors="pt")
+    count = len(reply_ids_of(processor, question, reply))
+    inputs = processor(text=[conversation_with_reply(processor, question, reply)], images=[image], return_tensors="pt")
     with torch.no_grad():
         log_probabilities = torch.log_softmax(model(**inputs).logits[0].float(), dim=-1)
     targets = inputs["input_ids"][0, -count:]
@@ -54,9 +63,9 @@ def test_cached_batched_scores_equal_each_whole_conversation_scored_alone(tiny_m
 
 def test_a_reply_score_is_the_sum_of_its_tokens_log_probabilities_with_the_end_marker(tiny_model, rgb_image):
     model, processor = tiny_model
-    prompt, full = reply_texts(processor, "What is it?", "cat")
+    prompt, full = chat_prompt(processor, "What is it?"), conversation_with_reply(processor, "What is it?", "cat")
     assert full.startswith(prompt) and full.endswith("</s>")
-    reply_ids = reply_token_ids(processor.tokenizer, prompt, full)
+    reply_ids = reply_ids_of(processor, "What is it?", "cat")
     assert processor.tokenizer.convert_ids_to_tokens(reply_ids)[-1] == "</s>"
     # Score token by token from the prompt alone, feeding each reply token back, as generation would.
     inputs = processor(text=[prompt], images=[rgb_image], return_tensors="pt")
@@ -74,7 +83,8 @@ def test_a_reply_score_is_the_sum_of_its_tokens_log_probabilities_with_the_end_m
 def test_a_template_whose_reply_does_not_extend_the_prompt_is_refused(tiny_model):
     _, processor = tiny_model
     with pytest.raises(ValueError, match="does not extend the generation prompt"):
-        reply_token_ids(processor.tokenizer, "USER: hi ASSISTANT: yes", "USER: hi ASSISTANT:")
+        prompt_ids = processor.tokenizer("USER: hi ASSISTANT: yes", add_special_tokens=False)["input_ids"]
+        reply_token_ids(processor.tokenizer, prompt_ids, "USER: hi ASSISTANT:")
 
 
 def test_right_padding_is_refused(tiny_model_dir, rgb_image):

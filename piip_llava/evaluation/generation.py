@@ -70,10 +70,14 @@ def load_model_and_processor(model_dir: str, device: str | None = None, dtype: s
     return model, processor
 
 
+def user_turn(question: str) -> dict:
+    """The chat message every benchmark question becomes: the image, then the question."""
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+
+
 def chat_prompt(processor, question: str) -> str:
     """One user turn holding the image and the question, followed by an open assistant turn."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template([user_turn(question)], add_generation_prompt=True, tokenize=False)
 
 
 @torch.inference_mode()

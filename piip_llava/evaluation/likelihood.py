@@ -16,24 +16,22 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from .generation import chat_prompt, user_turn
 
-def reply_texts(processor, question: str, reply: str) -> tuple[str, str]:
-    """The prompt up to the open assistant turn, and the same conversation with `reply` as the assistant's turn."""
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+
+def conversation_with_reply(processor, question: str, reply: str) -> str:
+    """The benchmark conversation with `reply` as the assistant's turn, rendered by the chat template."""
     assistant = {"role": "assistant", "content": [{"type": "text", "text": reply}]}
-    prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-    full = processor.apply_chat_template([user, assistant], tokenize=False)
-    return prompt, full
+    return processor.apply_chat_template([user_turn(question), assistant], tokenize=False)
 
 
-def reply_token_ids(tokenizer, prompt: str, full: str) -> list[int]:
+def reply_token_ids(tokenizer, prompt_ids: list[int], full: str) -> list[int]:
     """The tokens the assistant's turn adds to the prompt; the prompt's tokens must be a prefix of the whole's."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
         raise ValueError(
             "The chat template's assistant turn does not extend the generation prompt token by token, so a "
-            f"reply's likelihood cannot be read off: prompt ends {prompt[-40:]!r}, conversation ends {full[-40:]!r}."
+            f"reply's likelihood cannot be read off: the conversation ends {full[-40:]!r}."
         )
     return full_ids[len(prompt_ids):]
 
@@ -49,13 +47,16 @@ def right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor,
 def prompts_and_reply_ids(processor, questions: Sequence[str],
                           replies: Sequence[Sequence[str]]) -> tuple[list[str], list[list[int]]]:
     """Each question's chat prompt, and the token ids of every reply's assistant turn (all questions, in order)."""
+    tokenizer = processor.tokenizer
     prompts, reply_ids = [], []
     for question, choices in zip(questions, replies, strict=True):
         if not choices:
             raise ValueError(f"No replies to score for question {question[:60]!r}.")
-        texts = [reply_texts(processor, question, reply) for reply in choices]
-        prompts.append(texts[0][0])
-        reply_ids.extend(reply_token_ids(processor.tokenizer, prompt, full) for prompt, full in texts)
+        prompt = chat_prompt(processor, question)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompts.append(prompt)
+        reply_ids.extend(reply_token_ids(tokenizer, prompt_ids, conversation_with_reply(processor, question, reply))
+                         for reply in choices)
     return prompts, reply_ids
 
 
