@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+# How a request is answered: greedy decoding, or the most likely of its `choices`.
+ANSWERING_METHODS = ("generation", "likelihood")
+# What answering an MMBench round by likelihood scores as the assistant's reply: each option's text, or its letter.
+LIKELIHOOD_TARGETS = ("option", "letter")
+
 
 @dataclass
 class AnswerRequest:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from .answer_request import ANSWERING_METHODS, LIKELIHOOD_TARGETS
+
 logger = logging.get_logger(__name__)
 
 
@@ -86,11 +88,11 @@ def add_parser(subparsers) -> None:
     mmbench = eval_commands.add_parser("mmbench", help="MMBench with all circular rounds.")
     add_generation_arguments(mmbench)
     add_mmbench_sources(mmbench)
-    mmbench.add_argument("--answer-by", default="generation", choices=["generation", "likelihood"],
+    mmbench.add_argument("--answer-by", default="generation", choices=ANSWERING_METHODS,
                          help="generation: greedy replies matched to options (MMBench's protocol); likelihood: the "
                          "option the model is most likely to reply with, as lm-evaluation-harness scores "
                          "multiple choice (report it beside the generation score, not as it).")
-    mmbench.add_argument("--likelihood-target", default="option", choices=["option", "letter"],
+    mmbench.add_argument("--likelihood-target", default="option", choices=LIKELIHOOD_TARGETS,
                          help="With --answer-by likelihood: score each option's text, or its letter, as the reply.")
     mmbench.set_defaults(handler=reporting_usage_errors(run_eval_mmbench))
 

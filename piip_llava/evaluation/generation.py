@@ -18,13 +18,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .answer_request import AnswerRequest
+from .answer_request import ANSWERING_METHODS, AnswerRequest
 from .answers_file import append_answers, count_keys, repair_answers_file
 
 logger = logging.get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ANSWERING_METHODS = ("generation", "likelihood")
 
 
 @dataclass

@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 from transformers.utils import logging
 
-from .answer_request import AnswerRequest
+from .answer_request import LIKELIHOOD_TARGETS, AnswerRequest
 
 logger = logging.get_logger(__name__)
 
@@ -40,8 +40,6 @@ ANSWER_INSTRUCTIONS = {
     "cn": "请直接回答选项字母。",
 }
 KEY_FIELDS = ("question_id", "round_id")
-# What answering by likelihood scores as the assistant's reply: each option's text, or its letter.
-LIKELIHOOD_TARGETS = ("option", "letter")
 CIRCULAR_COPY_OFFSET = 1_000_000
 # Columns LLaVA's convert_mmbench_for_submission.py drops, and where it puts the prediction column.
 SUBMISSION_DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
