@@ -148,6 +148,49 @@ def test_layer_norm_projector_and_fixed_output_grid():
         PIIPMultiBranchProjector([48], out_dim=64, norm="batch_norm")
 
 
+def triangle_filter_weights(size: int, grid: int) -> torch.Tensor:
+    """(grid, size) weights of antialiased bilinear shrinking, from the filter's definition: a triangle as wide
+    as the scale factor on each side of each output's centre, normalised to sum to 1."""
+    scale = size / grid
+    centres = (torch.arange(grid) + 0.5) * scale
+    positions = torch.arange(size) + 0.5
+    weights = (1 - (positions[None, :] - centres[:, None]).abs() / scale).clamp(min=0)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def test_antialiased_projector_averages_each_cell_instead_of_reading_one_point():
+    from piip_llava.models.piip_llava.projector import resize_to_grid
+
+    feature_map = torch.randn(2, 5, 8, 8)
+    weights = triangle_filter_weights(8, 3)
+    expected = torch.einsum("gh,bchw,kw->bcgk", weights, feature_map, weights)
+    torch.testing.assert_close(resize_to_grid(feature_map, (3, 3), antialias=True), expected)
+    # Every position of the corner cell (the first 8/3 positions each way) counts towards the corner token;
+    # point sampling reads the corner token from positions 0 and 1 alone.
+    assert (weights[0, :3] > 0).all()
+    third_column = torch.zeros(1, 1, 8, 8)
+    third_column[..., 2] = 1
+    assert resize_to_grid(third_column, (3, 3))[0, 0, :, 0].abs().sum() == 0
+    assert (resize_to_grid(third_column, (3, 3), antialias=True)[0, 0, :, 0] > 0).all()
+    # An enlarged map is interpolated as without antialiasing.
+    small = torch.randn(1, 5, 2, 2)
+    torch.testing.assert_close(resize_to_grid(small, (3, 3), antialias=True), resize_to_grid(small, (3, 3)))
+
+
+def test_projector_antialias_is_configured_and_saved(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    model = tiny_llava()
+    assert model.model.multi_modal_projector.antialias is False
+    config = model.config
+    config.projector_antialias = True
+    antialiased = PIIPLlavaForConditionalGeneration(config)
+    antialiased.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert reloaded.config.projector_antialias is True
+    assert reloaded.model.multi_modal_projector.antialias is True
+
+
 def test_group_norm_projector_normalises_over_channel_groups_and_positions():
     from piip_llava.models.piip_llava.projector import PIIPMultiBranchProjector
 

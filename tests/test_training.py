@@ -240,6 +240,17 @@ def test_init_cli_assembles_a_model_that_keeps_the_llm_weights(workspace, tmp_pa
     assert torch.equal(model.model.language_model.layers[1].mlp.up_proj.weight, llm.model.layers[1].mlp.up_proj.weight)
     processor_config = json.loads((out / "processor_config.json").read_text())
     assert processor_config["num_image_tokens"] == model.config.num_image_tokens == 16
+    assert model.config.projector_antialias is False
+
+
+def test_init_cli_builds_an_antialiased_projector_on_a_fixed_grid(workspace, tmp_path):
+    out = tmp_path / "init"
+    cli_main(["train", "init", "--llm", str(workspace["root"] / "llm"), "--vision-config",
+              str(workspace["root"] / "vision.json"), "--out", str(out), "--projector-groups", "8",
+              "--projector-grid", "2", "--projector-antialias"])
+    model = PIIPLlavaForConditionalGeneration.from_pretrained(out)
+    assert model.config.projector_antialias is True and model.model.multi_modal_projector.antialias is True
+    assert model.config.num_image_tokens == 4
 
 
 def test_bf16_mixed_precision_with_gradient_checkpointing_trains(workspace, tmp_path, monkeypatch, caplog):

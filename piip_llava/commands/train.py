@@ -110,6 +110,8 @@ def add_init_parser(commands) -> None:
     parser.add_argument(
         "--projector-grid", type=int, help="resize every branch map to this grid (default: the last branch's grid)"
     )
+    parser.add_argument("--projector-antialias", action="store_true",
+                        help="average each grid cell of a map shrunk onto the grid instead of reading it at one point")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype the weights are saved in")
     parser.set_defaults(handler=run_init)
 
@@ -230,6 +232,7 @@ def run_init(args) -> int:
             projector_norm=args.projector_norm,
             projector_num_groups=args.projector_groups,
             projector_output_grid_size=args.projector_grid,
+            projector_antialias=args.projector_antialias,
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None

@@ -64,6 +64,7 @@ def assemble_piip_llava(
     projector_num_groups: int = 32,
     conversation_format: str = "plain",
     projector_output_grid_size: int | None = None,
+    projector_antialias: bool = False,
 ) -> tuple[PIIPLlavaForConditionalGeneration, PIIPLlavaProcessor]:
     """A PIIP-LLaVA whose LLM and encoder weights are copied from `llm_dir` and `vision_encoder`."""
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(llm_dir))
@@ -78,6 +79,7 @@ def assemble_piip_llava(
         projector_norm=projector_norm,
         projector_num_groups=projector_num_groups,
         projector_output_grid_size=projector_output_grid_size,
+        projector_antialias=projector_antialias,
     )
     model = PIIPLlavaForConditionalGeneration(config)
     model.model.language_model.load_state_dict(llm.get_decoder().state_dict())

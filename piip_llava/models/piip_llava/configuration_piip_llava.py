@@ -21,6 +21,8 @@ class PIIPLlavaConfig(PreTrainedConfig):
         projector_num_groups (`int`): GroupNorm groups of the projector.
         projector_output_grid_size (`int`, *optional*): resize every branch map to this grid before
             projecting; by default the last branch's final grid is used.
+        projector_antialias (`bool`): average each grid cell of a map shrunk onto the grid instead of reading
+            it at one point (see `resize_to_grid`); off in the released checkpoints.
         tie_word_embeddings (`bool`): tie the LM head to the input embeddings.
     """
 
@@ -37,6 +39,7 @@ class PIIPLlavaConfig(PreTrainedConfig):
     projector_norm: str = "group_norm"
     projector_num_groups: int = 32
     projector_output_grid_size: int | None = None
+    projector_antialias: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

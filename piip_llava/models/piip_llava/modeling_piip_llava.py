@@ -45,6 +45,7 @@ class PIIPLlavaModel(PIIPLlavaPreTrainedModel, LlavaModel):
             norm=config.projector_norm,
             num_groups=config.projector_num_groups,
             output_grid_size=config.projector_output_grid_size,
+            antialias=config.projector_antialias,
         )
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()

@@ -9,12 +9,18 @@ from torch import nn
 PROJECTOR_NORMS = ("group_norm", "layer_norm")
 
 
-def resize_to_grid(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A (batch, C, H, W) map resized to `grid` as the released projector does it: bilinear,
-    align_corners=False, no antialiasing, in fp32; a map already on the grid is returned as is."""
+def resize_to_grid(feature_map: torch.Tensor, grid: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """A (batch, C, H, W) map resized to `grid` bilinearly, align_corners=False, in fp32; a map already on the
+    grid is returned as is.
+
+    Without `antialias` this is what the released projector does: each token is the map read at one point.
+    With it, a map shrunk by more than 2x is filtered first, so each token averages its whole cell
+    (PyTorch's antialiased bilinear; an enlarged map is interpolated as before). Point sampling an 8x8 map
+    down to 3x3 reads one feature per cell and ignores the rest of the cell.
+    """
     if tuple(feature_map.shape[-2:]) == tuple(grid):
         return feature_map
-    resized = F.interpolate(feature_map.float(), size=grid, mode="bilinear", align_corners=False)
+    resized = F.interpolate(feature_map.float(), size=grid, mode="bilinear", align_corners=False, antialias=antialias)
     return resized.to(feature_map.dtype)
 
 
@@ -48,7 +54,7 @@ class PIIPMultiBranchProjector(nn.Module):
     """Brings every branch map to one grid, projects each with its own MLP and sums them.
 
     The grid is the last (highest-resolution) branch's final grid unless a fixed output grid is
-    configured; the resizing is bilinear in fp32, as in the released models.
+    configured; the resizing is bilinear in fp32, as in the released models, antialiased on request.
     """
 
     def __init__(
@@ -58,11 +64,13 @@ class PIIPMultiBranchProjector(nn.Module):
         norm: str = "group_norm",
         num_groups: int = 32,
         output_grid_size: int | None = None,
+        antialias: bool = False,
     ):
         super().__init__()
         if norm not in PROJECTOR_NORMS:
             raise ValueError(f"projector_norm must be one of {PROJECTOR_NORMS}, got {norm!r}.")
         self.output_grid_size = output_grid_size
+        self.antialias = antialias
         self.branches = nn.ModuleList(
             [BranchProjector(width, out_dim, norm, num_groups) for width in branch_widths]
         )
@@ -75,6 +83,6 @@ class PIIPMultiBranchProjector(nn.Module):
         grid = (side, side) if side is not None else tuple(feature_maps[-1].shape[-2:])
         projected = None
         for feature_map, projector in zip(feature_maps, self.branches):
-            tokens = projector(resize_to_grid(feature_map, grid).flatten(2).transpose(1, 2))
+            tokens = projector(resize_to_grid(feature_map, grid, self.antialias).flatten(2).transpose(1, 2))
             projected = tokens if projected is None else projected + tokens
         return projected
