@@ -4,6 +4,7 @@ import argparse
 import json
 import random
 
+import numpy
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,18 +19,22 @@ from piip_llava.synthetic.pretraining import (
     CellTokenConversations,
     EncoderPretraining,
     LanguagePretraining,
+    PretrainingImage,
     SceneAttributeHeads,
     attribute_loss,
+    cell_index,
     cell_token_loss,
+    corner_texts,
     length_grouped_loss,
     look_alike_text,
     pretrain_encoder,
     pretrain_language_model,
+    pretraining_images,
     scene_targets,
     training_sample,
 )
 from piip_llava.synthetic.questions import caption, qa_conversation, questions_of_type, scene_statements
-from piip_llava.synthetic.scenes import WORDS, Scene, SceneText, Shape, generate_scene
+from piip_llava.synthetic.scenes import TEXT_POSITIONS, WORDS, Scene, SceneText, Shape, generate_scene, render_scene
 from piip_llava.training.data import TRAINING_PAD_MULTIPLE
 
 TINY_CONFIG = "configs/tiny_convnext_clip.json"
@@ -73,6 +78,37 @@ def test_word_targets_name_the_word_and_leave_digits_empty():
     targets = scene_targets(scene_with([], text))
     assert SCENE_ATTRIBUTES["text"][targets["text"][2]] == "CAT"
     assert all(value == 0 for place in range(3) for value in targets[f"digit_{place}"])
+
+
+def test_corner_texts_fill_every_free_corner_with_its_own_targets_and_pixels():
+    scene = generate_scene(random.Random(5))
+    extra = corner_texts(scene, random.Random(6))
+    assert sorted([scene.text.position, *(text.position for text in extra)]) == sorted(TEXT_POSITIONS)
+    targets = scene_targets(scene, extra)
+    for text in (scene.text, *extra):
+        cell = cell_index(TEXT_POSITIONS[text.position])
+        label = SCENE_ATTRIBUTES["text"][targets["text"][cell]]
+        assert label == ("number" if text.is_number else text.content)
+        assert SCENE_ATTRIBUTES["text_size"][targets["text_size"][cell]] == text.size_class
+    # The shapes' targets are the scene's own, and the extra texts are drawn inside their corner cells only.
+    alone = scene_targets(scene)
+    assert all(targets[name] == alone[name] for name in SCENE_ATTRIBUTES if name.startswith(("shape", "object")))
+    plain = numpy.asarray(render_scene(scene), dtype=int)
+    printed = numpy.asarray(PretrainingImage(scene, extra).render(), dtype=int)
+    changed_rows, changed_columns = numpy.nonzero(numpy.abs(printed - plain).sum(-1))
+    side = scene.image_size / 3
+    changed_cells = {(int(row // side), int(column // side)) for row, column in zip(changed_rows, changed_columns)}
+    assert changed_cells == {TEXT_POSITIONS[text.position] for text in extra}
+    with pytest.raises(ValueError, match="share a corner cell"):
+        scene_targets(scene, (scene.text,))
+
+
+def test_pretraining_images_keep_their_scenes_with_or_without_corner_texts():
+    plain = pretraining_images("encoder-pretraining", 3, 4, seed=0, image_size=128)
+    printed = pretraining_images("encoder-pretraining", 3, 4, seed=0, image_size=128, with_corner_texts=True)
+    assert [image.scene for image in plain] == [image.scene for image in printed]
+    assert all(image.extra_texts == () for image in plain)
+    assert all(len(image.extra_texts) == 3 for image in printed)
 
 
 def test_heads_give_per_cell_logits_and_a_finite_loss():
@@ -156,6 +192,32 @@ def test_cell_tokens_start_from_the_words_of_each_attribute_and_conjunctions_fro
         SCENE_ATTRIBUTES["object_position"].index("red circle top")]
     assert torch.allclose(cells[top], expected, atol=1e-6)
     assert torch.count_nonzero(cells[0]) == 0  # an empty cell is the zero vector until training moves "none"
+
+
+def test_digit_place_codes_tell_a_numbers_digits_apart_by_place(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    tokenizer = AutoTokenizer.from_pretrained(random_dir)
+    words = AutoModelForCausalLM.from_pretrained(random_dir).get_input_embeddings()
+
+    def number_cell(cell_embedding, content: str) -> torch.Tensor:
+        text = SceneText(content=content, size_class="large", font_size=23, position="top left", origin=(10, 40),
+                         glyph_height=16)
+        targets = {name: torch.tensor([values]) for name, values in scene_targets(scene_with([], text)).items()}
+        with torch.no_grad():
+            return cell_embedding(targets, words)[0, 0]
+
+    torch.manual_seed(0)
+    bag = CellAttributeEmbedding(tokenizer, words)
+    # From the digits' words alone, the same digits in another order give the same cell token.
+    assert torch.allclose(number_cell(bag, "301"), number_cell(bag, "103"), atol=1e-6)
+    torch.manual_seed(0)
+    coded = CellAttributeEmbedding(tokenizer, words, digit_place_codes=True)
+    assert not torch.allclose(number_cell(coded, "301"), number_cell(coded, "103"), atol=1e-3)
+    for place in range(3):
+        offsets = coded.offsets[f"digit_{place}"].weight
+        assert torch.count_nonzero(offsets[0]) == 0 and torch.count_nonzero(offsets[1:]) == offsets[1:].numel()
+    # The conjunctions draw the same random vectors either way (the digits' codes are drawn after them).
+    assert torch.equal(coded.offsets["object_position"].weight, bag.offsets["object_position"].weight)
 
 
 def test_question_loss_supervises_the_turns_after_the_image_but_measuring_keeps_answers_only(small_export, tmp_path):

@@ -53,6 +53,8 @@ class Recipe:
     finetune_lr: float = 1e-3
     batch_size: int = 16
     encoder_pretraining_steps: int = 1800
+    # The encoder's stage-0 scenes carry a text in every corner (`EncoderPretraining.corner_texts`).
+    encoder_corner_texts: bool = True
     language_pretraining_steps: int = 700
     # Share of the stage-0 LLM's question conversations that show the text blurred with a look-alike and
     # ask about it as multiple choice only (`LanguagePretraining.look_alike_text_rate`). The shipped demo model
@@ -60,6 +62,8 @@ class Recipe:
     # chance), but that run reached colour 100% against 59-62% in two runs without it, equal or better on every
     # other type in the open format; its multiple-choice text stayed at chance like theirs.
     look_alike_text_rate: float = 0.2
+    # Digits get place codes in the stage-0 LLM's cell tokens (`LanguagePretraining.digit_place_codes`).
+    digit_place_codes: bool = True
     # Stage 2 keeps the whole pretrained encoder fixed, as LLaVA-1.5 keeps its CLIP, so the encoder runs
     # without a backward graph. Measured: 1.1 against 1.0 stage-2 steps/s with the interactions
     # training; the LLM on multi-turn prompts dominates. Without it, `freeze_vision_branches` keeps
@@ -75,6 +79,10 @@ class Recipe:
     # token per cell and the LLM looks among 9 tokens instead of 64: on count questions alone, its loss
     # began to depend on the image after about 125 steps with 9 tokens, not within 150 with 64.
     projector_grid: int = 3
+    # Each image token averages its cell of the encoder's maps (`resize_to_grid` with antialias) instead of
+    # reading the map at the cell's centre, in the projector and in the encoder's stage-0 heads alike. An
+    # 8x8 map read at 3 points leaves most of each cell unread, and the text sits anywhere in its corner cell.
+    projector_antialias: bool = True
     # bfloat16 autocast in the LLM's stage 0 and in stages 1 and 2 (`piip-llava train --bf16`); weights stay
     # float32. On by default only where the CPU has hardware bfloat16 (`cpu_has_native_bf16`): on a 2-core
     # Intel CPU with AVX512_BF16 stage 2 ran 1.7x and the stage-0 LLM 1.37x the float32 steps/s; on a 2-core
@@ -226,7 +234,8 @@ def pretrain_llm(work_dir: Path, data_dir: Path, recipe: Recipe) -> Path:
                          f"got {recipe.projector_grid}.")
     random_dir = build_llm(work_dir / "llm_random", data_dir, recipe)
     settings = LanguagePretraining(steps=recipe.language_pretraining_steps, seed=recipe.seed, bf16=recipe.bf16,
-                                   look_alike_text_rate=recipe.look_alike_text_rate)
+                                   look_alike_text_rate=recipe.look_alike_text_rate,
+                                   digit_place_codes=recipe.digit_place_codes)
     return pretrain_language_model(random_dir, work_dir / "llm", settings)
 
 
@@ -234,7 +243,8 @@ def pretrain_vision_encoder(run_dir: Path, vision_config: Path, recipe: Recipe) 
     """One encoder per run, pretrained on scene attributes (see `piip_llava.synthetic.pretraining`)."""
     from .pretraining import EncoderPretraining, pretrain_encoder
 
-    settings = EncoderPretraining(steps=recipe.encoder_pretraining_steps, seed=recipe.seed)
+    settings = EncoderPretraining(steps=recipe.encoder_pretraining_steps, seed=recipe.seed,
+                                  antialias=recipe.projector_antialias, corner_texts=recipe.encoder_corner_texts)
     return pretrain_encoder(vision_config, run_dir / "encoder", settings)
 
 
@@ -256,8 +266,9 @@ def train_two_stages(
     ]
     if not (init_dir / "config.json").exists():
         grid = ["--projector-grid", str(recipe.projector_grid)] if recipe.projector_grid else []
+        antialias = ["--projector-antialias"] if recipe.projector_antialias else []
         run_cli("train", "init", "--llm", str(llm_dir), "--vision-model", str(vision_model), "--out", str(init_dir),
-                *grid, threads=recipe.threads)
+                *grid, *antialias, threads=recipe.threads)
     if not (stage1_dir / "model.safetensors").exists():
         run_cli("train", "--stage", "pretrain", "--model", str(init_dir), "--data", str(data_dir / "pretrain.json"),
                 "--output-dir", str(stage1_dir), "--epochs", str(recipe.pretrain_epochs),

@@ -151,6 +151,7 @@ def downsampled_glyph_height(text: SceneText, image_size: int, target_size: int)
 
 
 def random_text_content(rng: random.Random) -> str:
+    """A word or a number, equally likely."""
     if rng.random() < 0.5:
         return rng.choice(WORDS)
     return str(rng.randint(*NUMBER_RANGE))
@@ -298,6 +299,9 @@ def render_scene(scene: Scene) -> Image.Image:
     for shape in scene.shapes:
         draw_shape(draw, shape)
     if scene.text is not None:
-        font = load_font(scene.text.font_size)
-        draw.text(scene.text.origin, scene.text.content, fill=TEXT_COLOUR, font=font, anchor="ls")
+        draw_text(draw, scene.text)
     return image
+
+
+def draw_text(draw: ImageDraw.ImageDraw, text: SceneText) -> None:
+    draw.text(text.origin, text.content, fill=TEXT_COLOUR, font=load_font(text.font_size), anchor="ls")
