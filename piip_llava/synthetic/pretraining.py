@@ -160,8 +160,10 @@ class SceneAttributeHeads(nn.Module):
 
     Heads this weak make the encoder itself lay the attributes out linearly in its feature maps,
     which is the form the projector and the LLM can read. The maps are brought to the 3x3 grid
-    exactly as the projector brings them to its image-token grid (bilinear point sampling, not
-    averaging), so the features the heads train are the ones the LLM's image tokens are made of.
+    exactly as the projector brings them to its image-token grid (`resize_to_grid`, antialiased when
+    the projector is), so the features the heads train are the ones the LLM's image tokens are made of:
+    heads that averaged each cell while the projector read it at one point trained features the image
+    tokens never carried.
     """
 
     def __init__(self, branch_widths: list[int], antialias: bool = False):
