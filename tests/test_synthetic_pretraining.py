@@ -3,6 +3,7 @@
 import argparse
 import json
 import random
+from pathlib import Path
 
 import numpy
 import pytest
@@ -138,6 +139,25 @@ def test_encoder_pretraining_lowers_the_loss_saves_a_loadable_encoder_and_is_ski
     stamp = (out_dir / "model.safetensors").stat().st_mtime_ns
     pretrain_encoder(TINY_CONFIG, out_dir, settings)
     assert (out_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("corner", [True, False])
+def test_encoder_pretraining_trains_on_corner_texts_and_checks_on_single_texts(corner, tmp_path, monkeypatch):
+    from piip_llava.synthetic import pretraining
+
+    drawn = []
+    original = pretraining.pretraining_images
+
+    def recording(split, start, count, seed, image_size, with_corner_texts=False):
+        images = original(split, start, count, seed, image_size, with_corner_texts)
+        drawn.append((split, {len(image.extra_texts) for image in images}))
+        return images
+
+    monkeypatch.setattr(pretraining, "pretraining_images", recording)
+    pretrain_encoder(TINY_CONFIG, tmp_path / "encoder",
+                     EncoderPretraining(steps=2, batch_size=2, check_images=2, corner_texts=corner))
+    assert {split: texts for split, texts in drawn} == {"encoder-pretraining": {3 if corner else 0},
+                                                        "encoder-check": {0}}
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +359,31 @@ def test_recipe_options_parse_from_the_command_line_including_switches():
                                                        "--encoder-pretraining-steps", "10"]))
     assert not changed.freeze_vision_branches and changed.projector_grid == 0
     assert changed.encoder_pretraining_steps == 10 and changed.describe_turns is False
+
+
+@pytest.mark.parametrize("switches", [[], ["--no-encoder-corner-texts", "--no-projector-antialias",
+                                            "--no-digit-place-codes"]], ids=["on", "off"])
+def test_recipe_reading_switches_reach_both_stage_0s_and_train_init(switches, tmp_path, monkeypatch):
+    from piip_llava.synthetic import pipeline, pretraining
+
+    parser = argparse.ArgumentParser()
+    Recipe.add_arguments(parser)
+    recipe = Recipe.from_arguments(parser.parse_args(switches))
+    expected = not switches
+    assert (recipe.encoder_corner_texts, recipe.projector_antialias, recipe.digit_place_codes) == (expected,) * 3
+    seen = {}
+    monkeypatch.setattr(pretraining, "pretrain_encoder", lambda config, out, settings: seen.setdefault("encoder", settings))
+    monkeypatch.setattr(pretraining, "pretrain_language_model",
+                        lambda random_dir, out, settings: seen.setdefault("llm", settings))
+    monkeypatch.setattr(pipeline, "build_llm", lambda llm_dir, data_dir, recipe: llm_dir)
+    monkeypatch.setattr(pipeline, "run_cli", lambda *arguments, threads: seen.setdefault("commands", []).append(arguments))
+    pipeline.pretrain_vision_encoder(tmp_path, Path(TINY_CONFIG), recipe)
+    pipeline.pretrain_llm(tmp_path, tmp_path, recipe)
+    pipeline.train_two_stages(tmp_path, tmp_path / "encoder", tmp_path, tmp_path / "llm", recipe)
+    assert seen["encoder"].corner_texts is expected and seen["encoder"].antialias is expected
+    assert seen["llm"].digit_place_codes is expected
+    init = next(arguments for arguments in seen["commands"] if arguments[:2] == ("train", "init"))
+    assert ("--projector-antialias" in init) is expected
 
 
 def test_stage2_records_without_text_keep_every_other_turn_and_one_image_placeholder(small_export):
