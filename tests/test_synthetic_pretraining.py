@@ -12,8 +12,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piip_llava.models.piip import PIIPVisionModel
 from piip_llava.synthetic import export_dataset
-from piip_llava.synthetic.pipeline import Recipe, build_llm, pretrain_llm, stage2_records, write_questions_without_text
+from piip_llava.synthetic.export import item_rng
+from piip_llava.synthetic.pipeline import (
+    Recipe,
+    build_llm,
+    pretrain_llm,
+    stage2_records,
+    write_number_choice_records,
+    write_questions_without_text,
+)
 from piip_llava.synthetic.pretraining import (
+    LANGUAGE_CHECK_SPLIT,
     METRICS_FILE,
     SCENE_ATTRIBUTES,
     CellAttributeEmbedding,
@@ -315,6 +324,10 @@ def test_language_pretraining_learns_to_answer_from_cell_tokens(small_export, tm
     assert metrics["final_loss"] < metrics["first_loss"] - 1.0
     accuracy = metrics["held_out_answer_accuracy"]
     assert {"colour", "count", "position"} <= set(accuracy) and all(0 <= value <= 1 for value in accuracy.values())
+    # The open text questions are scored again split into words and numbers, for the check scenes that have them.
+    check_scenes = [generate_scene(item_rng(0, LANGUAGE_CHECK_SPLIT, index, "scene")) for index in range(4)]
+    kinds = {"text_numbers" if scene.text.is_number else "text_words" for scene in check_scenes if scene.text}
+    assert kinds and {key for key in accuracy if key in ("text_words", "text_numbers")} == kinds
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(random_dir).config.vocab_size
     assert AutoTokenizer.from_pretrained(out_dir).get_vocab() == AutoTokenizer.from_pretrained(random_dir).get_vocab()
@@ -409,6 +422,41 @@ def test_stage2_records_without_text_keep_every_other_turn_and_one_image_placeho
     assert stage2_records(small_export, Recipe(text_questions=True)).name == "finetune.json"
     with pytest.raises(ValueError, match="describe_turns"):
         stage2_records(small_export, Recipe(describe_turns=True, text_questions=False))
+
+
+def test_number_choice_records_add_one_turn_choices_about_each_number_and_keep_every_conversation(small_export):
+    from piip_llava.evaluation.mmbench import extract_option_letter
+
+    records = json.loads((small_export / "finetune.json").read_text())
+    path = stage2_records(small_export, Recipe(number_choice_records=2))
+    assert path == write_number_choice_records(small_export, 2, seed=0)
+    written = json.loads(path.read_text())
+    assert written[:len(records)] == records
+    extra = written[len(records):]
+    numbers = {}
+    for record in records:
+        for human, gpt in zip(record["conversations"][0::2], record["conversations"][1::2]):
+            if "is written in the image" in human["value"] and gpt["value"].isdigit():
+                numbers[record["image"]] = gpt["value"]
+    assert numbers and len(extra) == 2 * len(numbers)
+    option_sets = []
+    for record in extra:
+        human, gpt = record["conversations"]
+        assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
+        options = [line[3:] for line in human["value"].split("\n") if line[:3] in ("A. ", "B. ", "C. ", "D. ")]
+        assert len(options) == 4 and gpt["value"] == numbers[record["image"]] and gpt["value"] in options
+        assert all(len(option) == len(gpt["value"]) for option in options)
+        # The reply names its option, as MMBench's answer matching reads it.
+        letter = "ABCD"[options.index(gpt["value"])]
+        assert extract_option_letter(gpt["value"], options) == letter
+        option_sets.append((record["image"], tuple(options)))
+    # Each image's two records offer different options.
+    by_image = {}
+    for image, options in option_sets:
+        by_image.setdefault(image, set()).add(options)
+    assert all(len(sets) == 2 for sets in by_image.values())
+    with pytest.raises(ValueError, match="number_choice_records"):
+        stage2_records(small_export, Recipe(number_choice_records=1, describe_turns=True))
 
 
 def scenes_with_text(kind: str, count: int) -> list[Scene]:

@@ -618,19 +618,22 @@ def answer_accuracy(model, cell_embedding, conversations: CellTokenConversations
     "multiple_choice" is the same over every type's question asked with four options (the reply names
     the right option, see `MultipleChoice`); "look_alike_text_choice" is the text question asked with
     four options about the text cell blurred with a look-alike (`look_alike_text`), where only the
-    options tell the two readings apart.
+    options tell the two readings apart. "text_words" and "text_numbers" are the open text questions of
+    both sizes again, split by what is written: a word is one lookup, a number three digits in order.
     """
     model.eval()
     correct, asked = Counter(), Counter()
 
-    def check(key: str, item, scene: Scene, look_alike: Scene | None = None) -> None:
+    def check(keys: tuple[str, ...], item, scene: Scene, look_alike: Scene | None = None) -> None:
         sample = conversations.encode(qa_conversation([item]), "vicuna_v1", answers_only=True)
         batch = conversations.batch([sample], [scene], settings.device, [look_alike])
         logits = cell_token_loss(model, cell_embedding, batch, conversations.image_token_id).logits
         labels = batch["labels"][0, 1:]
         supervised = labels != -100
-        asked[key] += 1
-        correct[key] += int((logits[0, :-1].argmax(-1)[supervised] == labels[supervised]).all())
+        right = int((logits[0, :-1].argmax(-1)[supervised] == labels[supervised]).all())
+        for key in keys:
+            asked[key] += 1
+            correct[key] += right
 
     for index in range(settings.check_scenes):
         scene = generate_scene(item_rng(settings.seed, LANGUAGE_CHECK_SPLIT, index, "scene"))
@@ -638,10 +641,12 @@ def answer_accuracy(model, cell_embedding, conversations: CellTokenConversations
         for question_type in QUESTION_TYPES:
             questions = questions_of_type(scene, question_type)
             if questions:
-                check(question_type, questions[0], scene)
-                check("multiple_choice", make_multiple_choice(questions[0], rng), scene)
-                if question_type in TEXT_QUESTION_TYPES:
-                    check("look_alike_text_choice", make_multiple_choice(questions[0], rng), scene,
+                is_text = question_type in TEXT_QUESTION_TYPES
+                kind = ("text_numbers" if scene.text.is_number else "text_words",) if is_text else ()
+                check((question_type, *kind), questions[0], scene)
+                check(("multiple_choice",), make_multiple_choice(questions[0], rng), scene)
+                if is_text:
+                    check(("look_alike_text_choice",), make_multiple_choice(questions[0], rng), scene,
                           look_alike_text(scene, rng))
     model.train()
     return {key: correct[key] / asked[key] for key in asked}
