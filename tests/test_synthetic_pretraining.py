@@ -3,6 +3,7 @@
 import argparse
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy
@@ -41,6 +42,7 @@ from piip_llava.synthetic.pretraining import (
     pretrain_language_model,
     pretraining_images,
     scene_targets,
+    text_kind_key,
     training_sample,
 )
 from piip_llava.synthetic.questions import caption, qa_conversation, questions_of_type, scene_statements
@@ -315,6 +317,13 @@ def test_language_pretraining_rejects_an_unknown_question_pool():
         LanguagePretraining(question_pool="every")
 
 
+def test_the_stage_0_check_keys_text_questions_by_what_is_written():
+    (number,) = scenes_with_text("number", 1)
+    (word,) = scenes_with_text("word", 1)
+    assert number.text.content.isdigit() and not word.text.content.isdigit()
+    assert (text_kind_key(number), text_kind_key(word)) == ("text_numbers", "text_words")
+
+
 def test_language_pretraining_learns_to_answer_from_cell_tokens(small_export, tmp_path):
     random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
     settings = LanguagePretraining(steps=30, batch_size=8, learning_rate=3e-3, check_scenes=4, max_length=1024,
@@ -326,8 +335,13 @@ def test_language_pretraining_learns_to_answer_from_cell_tokens(small_export, tm
     assert {"colour", "count", "position"} <= set(accuracy) and all(0 <= value <= 1 for value in accuracy.values())
     # The open text questions are scored again split into words and numbers, for the check scenes that have them.
     check_scenes = [generate_scene(item_rng(0, LANGUAGE_CHECK_SPLIT, index, "scene")) for index in range(4)]
-    kinds = {"text_numbers" if scene.text.is_number else "text_words" for scene in check_scenes if scene.text}
-    assert kinds and {key for key in accuracy if key in ("text_words", "text_numbers")} == kinds
+    scenes_of = Counter(text_kind_key(scene) for scene in check_scenes if scene.text)
+    assert scenes_of and {key for key in accuracy if key in ("text_words", "text_numbers")} == set(scenes_of)
+    # Each kind is scored over its own scenes (a whole number of them right), and together they are the sizes' questions.
+    right = {key: accuracy[key] * count for key, count in scenes_of.items()}
+    assert all(value == pytest.approx(round(value)) for value in right.values())
+    sizes = Counter(f"text_{scene.text.size_class}" for scene in check_scenes if scene.text)
+    assert sum(right.values()) == pytest.approx(sum(accuracy[key] * count for key, count in sizes.items()))
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(random_dir).config.vocab_size
     assert AutoTokenizer.from_pretrained(out_dir).get_vocab() == AutoTokenizer.from_pretrained(random_dir).get_vocab()

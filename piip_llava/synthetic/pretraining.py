@@ -610,6 +610,11 @@ def length_grouped_loss(model, cell_embedding, conversations: CellTokenConversat
     return total / max(labelled, 1)
 
 
+def text_kind_key(scene: Scene) -> str:
+    """The stage-0 check's key for the scene's text question by what is written: a number or a word."""
+    return "text_numbers" if scene.text.is_number else "text_words"
+
+
 @torch.no_grad()
 def answer_accuracy(model, cell_embedding, conversations: CellTokenConversations, settings: LanguagePretraining) -> dict:
     """Per question type, the share of held-out questions whose whole answer the LLM predicts from the
@@ -642,7 +647,7 @@ def answer_accuracy(model, cell_embedding, conversations: CellTokenConversations
             questions = questions_of_type(scene, question_type)
             if questions:
                 is_text = question_type in TEXT_QUESTION_TYPES
-                kind = ("text_numbers" if scene.text.is_number else "text_words",) if is_text else ()
+                kind = (text_kind_key(scene),) if is_text else ()
                 check((question_type, *kind), questions[0], scene)
                 check(("multiple_choice",), make_multiple_choice(questions[0], rng), scene)
                 if is_text:

@@ -15,8 +15,8 @@ def resize_to_grid(feature_map: torch.Tensor, grid: tuple[int, int], antialias: 
 
     Without `antialias` this is what the released projector does: each token is the map read at one point.
     With it, a shrunk map is filtered first, so each token averages its whole cell (PyTorch's antialiased
-    bilinear: a triangle filter as wide as the scale factor; an enlarged map is interpolated as before). Point sampling an 8x8 map
-    down to 3x3 reads one feature per cell and ignores the rest of the cell.
+    bilinear: a triangle filter as wide as the scale factor; an enlarged map is interpolated as before).
+    Point sampling an 8x8 map down to 3x3 reads one feature per cell and ignores the rest of the cell.
     """
     if tuple(feature_map.shape[-2:]) == tuple(grid):
         return feature_map
