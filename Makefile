@@ -34,7 +34,8 @@ test: $(VENV)/installed
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check piip_llava tests scripts benchmarks eval
 
-# Retrain the bundled demo model from scratch and install it (2 cores: 27.5 minutes with bf16 hardware, about 46 without).
+# Retrain the bundled demo model from scratch and install it (2 cores: 27.5 minutes with bf16 hardware for an
+# earlier recipe; 66 in float32 on an AVX2-only CPU).
 demo-model: $(VENV)/installed
 	$(PY) scripts/train_demo_model.py --work-dir outputs/demo --install --large-check 600
 

@@ -10,8 +10,8 @@ and the LLM the pretraining real backbones have (`piip_llava.synthetic.pretraini
 conversations, backbones fixed), and `piip-llava eval` scores held-out TextVQA-format and
 MMBench-format splits. On 2 cores: an earlier version of the recipe took 27.5 minutes from scratch in bf16
 on an Intel CPU with AVX512_BF16 (stage-0 LLM 12.3, stage-0 encoder 7.1, stage 1 1.3, stage 2 6.0,
-evaluation 0.5); the current one took 55 minutes in float32 on an AVX2-only AMD EPYC (stage-0 LLM 27.4,
-stage-0 encoder 10.7, stage 1 2.7, stage 2 12.7, evaluation 1.2; precision follows the CPU, see
+evaluation 0.5); the current one took 66 minutes in float32 on an AVX2-only AMD EPYC (stage-0 LLM 34.7,
+stage-0 encoder 12.4, stage 1 3.0, stage 2 14.6, evaluation 1.3; precision follows the CPU, see
 `piip_llava.training.precision`). The log gives each step's time.
 Every step resumes or is skipped when run again.
 
@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from piip_llava.synthetic.pipeline import (
+    TEXT_KINDS,
     Recipe,
     evaluate,
     evaluate_on_larger_split,
@@ -108,6 +109,40 @@ def results_markdown(results: dict, stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TEXT_TYPE_NAMES = {"text_large": "large text", "text_small": "small text"}
+
+
+def text_kinds_markdown(results: dict) -> str:
+    """The text questions' scores split by what is written (a word or a number), as markdown."""
+    by_kind = results["text_by_kind"]
+    lines = [
+        ("| text questions | TextVQA format | MMBench format (vanilla) | MMBench circular "
+         "| MMBench replies naming no option | MMBench by likelihood (vanilla) | MMBench by likelihood (circular) "
+         "| questions (TextVQA + MMBench) |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for question_type, name in TEXT_TYPE_NAMES.items():
+        for kind in TEXT_KINDS:
+            open_format = by_kind["textvqa"][question_type][kind]
+            choice = by_kind["mmbench"][question_type][kind]
+            likely = by_kind["mmbench_likelihood"][question_type][kind]
+            lines.append(
+                f"| {name}: {kind} | {open_format['accuracy']:.0f} | {choice['vanilla_accuracy']:.0f} "
+                f"| {choice['circular_accuracy']:.0f} | {choice['vanilla_no_option_percent']:.0f} "
+                f"| {likely['vanilla_accuracy']:.0f} | {likely['circular_accuracy']:.0f} "
+                f"| {open_format['samples']} + {choice['questions']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def split_section(title: str, results: dict, stats: dict) -> list[str]:
+    """One held-out split's tables: every question type, then the text questions by what is written."""
+    parts = [title, results_markdown(results, stats)]
+    if "text_by_kind" in results:
+        parts += ["\nThe text questions by what is written (chance as above):\n\n", text_kinds_markdown(results)]
+    return parts
+
+
 def results_document(results: dict, stats: dict, check: dict | None = None, check_stats: dict | None = None) -> str:
     """The results page: the training run's own held-out split and, when scored, the larger one."""
     images = stats["eval"]["images"]
@@ -122,12 +157,11 @@ def results_document(results: dict, stats: dict, check: dict | None = None, chec
          "(`piip-llava eval mmbench --answer-by likelihood`, lm-evaluation-harness's way of scoring multiple "
          "choice), which every reply names; it shows what the model knows about the options, beside MMBench's "
          "own generation protocol, not in its place.\n\n"),
-        f"## The training run's held-out split ({images} images)\n\n",
-        results_markdown(results, stats),
+        *split_section(f"## The training run's held-out split ({images} images)\n\n", results, stats),
     ]
     if check is not None:
-        parts += [f"\n## A larger held-out split from the same generator ({check_stats['eval']['images']} images)\n\n",
-                  results_markdown(check, check_stats)]
+        parts += split_section(f"\n## A larger held-out split from the same generator "
+                               f"({check_stats['eval']['images']} images)\n\n", check, check_stats)
     return "".join(parts)
 
 

@@ -77,14 +77,19 @@ def test_the_bundled_model_answers_a_multiple_choice_question_with_the_right_opt
     assert extract_option_letter(answer, options) == "C"
 
 
-def test_the_results_table_sets_each_score_beside_chance_and_the_majority_answer():
+def training_script_and_shipped_results():
+    """scripts/train_demo_model.py as a module, and the shipped model's results it wrote."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_demo_model", EXAMPLES_DIR.parents[2] / "scripts" /
-                                                  "train_demo_model.py")
+    repo = EXAMPLES_DIR.parents[2]
+    spec = importlib.util.spec_from_file_location("train_demo_model", repo / "scripts" / "train_demo_model.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    results = json.loads((EXAMPLES_DIR.parents[2] / "docs" / "demo_model_results.json").read_text())
+    return script, json.loads((repo / "docs" / "demo_model_results.json").read_text())
+
+
+def test_the_results_table_sets_each_score_beside_chance_and_the_majority_answer():
+    script, results = training_script_and_shipped_results()
     types = script.QUESTION_TYPES
     # A different chance and majority per type, so a row that read another type's figures would show.
     stats = {
@@ -118,3 +123,23 @@ def test_the_results_table_sets_each_score_beside_chance_and_the_majority_answer
     stats["eval"] = {"images": 150}
     document = script.results_document(results, stats, results, {**stats, "eval": {"images": 600}})
     assert "(150 images)" in document and "(600 images)" in document and document.count("| all |") == 2
+    assert document.count("| small text: numbers |") == 2
+
+
+def test_the_text_table_splits_each_size_into_words_and_numbers():
+    script, results = training_script_and_shipped_results()
+    rows = script.text_kinds_markdown(results).splitlines()
+    assert len(rows) == 2 + 4
+    by_kind = results["text_by_kind"]
+    for question_type, name in (("text_large", "large text"), ("text_small", "small text")):
+        for kind in ("words", "numbers"):
+            (row,) = [row for row in rows if row.startswith(f"| {name}: {kind} |")]
+            cells = [cell.strip() for cell in row.strip("|").split("|")]
+            open_format = by_kind["textvqa"][question_type][kind]
+            choice, likely = by_kind["mmbench"][question_type][kind], by_kind["mmbench_likelihood"][question_type][kind]
+            assert cells[1:] == [
+                f"{open_format['accuracy']:.0f}", f"{choice['vanilla_accuracy']:.0f}",
+                f"{choice['circular_accuracy']:.0f}", f"{choice['vanilla_no_option_percent']:.0f}",
+                f"{likely['vanilla_accuracy']:.0f}", f"{likely['circular_accuracy']:.0f}",
+                f"{open_format['samples']} + {choice['questions']}",
+            ]

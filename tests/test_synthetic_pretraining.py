@@ -23,6 +23,7 @@ from piip_llava.synthetic.pipeline import (
     write_questions_without_text,
 )
 from piip_llava.synthetic.pretraining import (
+    DIGIT_PLACES,
     LANGUAGE_CHECK_SPLIT,
     METRICS_FILE,
     SCENE_ATTRIBUTES,
@@ -56,7 +57,7 @@ def scene_with(shapes, text) -> Scene:
     return Scene(image_size=256, background=(255, 255, 255), shapes=tuple(shapes), text=text)
 
 
-def test_targets_put_each_attribute_in_its_cell_and_right_align_digits():
+def test_targets_put_each_attribute_in_its_cell_and_name_the_number_and_its_digits():
     shapes = [
         Shape(kind="circle", colour="red", size="large", position="top", centre=(128, 42), radius=30),
         Shape(kind="star", colour="blue", size="small", position="right", centre=(213, 128), radius=10),
@@ -68,18 +69,18 @@ def test_targets_put_each_attribute_in_its_cell_and_right_align_digits():
     assert SCENE_ATTRIBUTES["shape_kind"][targets["shape_kind"][top]] == "circle"
     assert SCENE_ATTRIBUTES["shape_colour"][targets["shape_colour"][right]] == "blue"
     assert SCENE_ATTRIBUTES["shape_size"][targets["shape_size"][right]] == "small"
-    assert SCENE_ATTRIBUTES["text"][targets["text"][bottom_left]] == "number"
+    assert SCENE_ATTRIBUTES["text"][targets["text"][bottom_left]] == "47"
     assert SCENE_ATTRIBUTES["text_size"][targets["text_size"][bottom_left]] == "small"
     assert SCENE_ATTRIBUTES["shape_position"][targets["shape_position"][right]] == "right"
     assert SCENE_ATTRIBUTES["object"][targets["object"][top]] == "red circle"
     assert SCENE_ATTRIBUTES["object_position"][targets["object_position"][right]] == "blue star right"
-    digits = [SCENE_ATTRIBUTES[f"digit_{place}"][targets[f"digit_{place}"][bottom_left]] for place in range(3)]
-    assert digits == ["none", "4", "7"]
+    assert DIGIT_PLACES == ("digit_0", "digit_1")  # every number has two digits
+    assert [SCENE_ATTRIBUTES[place][targets[place][bottom_left]] for place in DIGIT_PLACES] == ["4", "7"]
     # Every other cell holds nothing, for every attribute.
     occupied = {"shape_kind": {top, right}, "shape_colour": {top, right}, "shape_size": {top, right},
                 "shape_position": {top, right}, "object": {top, right}, "object_position": {top, right},
-                "text": {bottom_left}, "text_size": {bottom_left}, "digit_0": set(), "digit_1": {bottom_left},
-                "digit_2": {bottom_left}}
+                "text": {bottom_left}, "text_size": {bottom_left}, "digit_0": {bottom_left},
+                "digit_1": {bottom_left}}
     for name, cells in occupied.items():
         assert {cell for cell, value in enumerate(targets[name]) if value} == cells, name
 
@@ -89,7 +90,7 @@ def test_word_targets_name_the_word_and_leave_digits_empty():
                      glyph_height=16)
     targets = scene_targets(scene_with([], text))
     assert SCENE_ATTRIBUTES["text"][targets["text"][2]] == "CAT"
-    assert all(value == 0 for place in range(3) for value in targets[f"digit_{place}"])
+    assert all(value == 0 for place in DIGIT_PLACES for value in targets[place])
 
 
 def test_corner_texts_fill_every_free_corner_with_its_own_targets_and_pixels():
@@ -100,7 +101,7 @@ def test_corner_texts_fill_every_free_corner_with_its_own_targets_and_pixels():
     for text in (scene.text, *extra):
         cell = cell_index(TEXT_POSITIONS[text.position])
         label = SCENE_ATTRIBUTES["text"][targets["text"][cell]]
-        assert label == ("number" if text.is_number else text.content)
+        assert label == text.content
         assert SCENE_ATTRIBUTES["text_size"][targets["text_size"][cell]] == text.size_class
     # The shapes' targets are the scene's own, and the extra texts are drawn inside their corner cells only.
     alone = scene_targets(scene)
@@ -239,13 +240,14 @@ def test_digit_place_codes_tell_a_numbers_digits_apart_by_place(small_export, tm
 
     torch.manual_seed(0)
     bag = CellAttributeEmbedding(tokenizer, words)
-    # From the digits' words alone, the same digits in another order give the same cell token.
-    assert torch.allclose(number_cell(bag, "301"), number_cell(bag, "103"), atol=1e-6)
+    # From the digits' words alone (the number's own class starts as the same bag), the same digits in another
+    # order give the same cell token.
+    assert torch.allclose(number_cell(bag, "31"), number_cell(bag, "13"), atol=1e-6)
     torch.manual_seed(0)
     coded = CellAttributeEmbedding(tokenizer, words, digit_place_codes=True)
-    assert not torch.allclose(number_cell(coded, "301"), number_cell(coded, "103"), atol=1e-3)
-    for place in range(3):
-        offsets = coded.offsets[f"digit_{place}"].weight
+    assert not torch.allclose(number_cell(coded, "31"), number_cell(coded, "13"), atol=1e-3)
+    for place in DIGIT_PLACES:
+        offsets = coded.offsets[place].weight
         assert torch.count_nonzero(offsets[0]) == 0 and torch.count_nonzero(offsets[1:]) == offsets[1:].numel()
     # The conjunctions draw the same random vectors either way (the digits' codes are drawn after them).
     assert torch.equal(coded.offsets["object_position"].weight, bag.offsets["object_position"].weight)

@@ -349,7 +349,7 @@ def tokenizer_corpus(out_dir: str | os.PathLike) -> list[str]:
 
 
 def example_scenes(image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, Scene]:
-    """The two bundled example images: shapes with small text, and one shape with large text."""
+    """The bundled example images: shapes with a small word, one shape with a large word, one with a small number."""
     rng = random.Random(EXAMPLE_SEED)
     shapes_scene = Scene(
         image_size=image_size,
@@ -366,7 +366,14 @@ def example_scenes(image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, Scene]:
         shapes=(place_shape(rng, "triangle", "green", "small", "right", image_size),),
         text=place_text(rng, "CAT", "large", "top left", image_size),
     )
-    return {"example_shapes": shapes_scene, "example_text": text_scene}
+    # Drawn after the first two, so they stay as they were before it was added.
+    number_scene = Scene(
+        image_size=image_size,
+        background=(255, 255, 255),
+        shapes=(place_shape(rng, "star", "orange", "large", "bottom", image_size),),
+        text=place_text(rng, "47", "small", "top right", image_size),
+    )
+    return {"example_shapes": shapes_scene, "example_text": text_scene, "example_number": number_scene}
 
 
 # The bundled example questions, at least one of each question type: (image name, question text).
@@ -378,6 +385,8 @@ EXAMPLE_QUESTIONS = (
     ("example_shapes", TEXT_QUESTION),
     ("example_text", TEXT_QUESTION),
     ("example_text", "What colour is the triangle?"),
+    ("example_number", TEXT_QUESTION),
+    ("example_number", "What shape is the orange object?"),
 )
 
 

@@ -380,12 +380,91 @@ def evaluate(eval_dir: Path, data_dir: Path, model_dir: Path, recipe: Recipe, by
         "textvqa_by_type": by_type,
         "mmbench": json.loads((eval_dir / "mmbench_metrics.json").read_text()),
         **({"mmbench_likelihood": json.loads(likelihood_metrics.read_text())} if by_likelihood else {}),
+        "text_by_kind": text_scores_by_kind(eval_dir, splits, by_likelihood),
         "chance": stats.get("chance_accuracy"),
     }
     temporary = results_file.with_suffix(".tmp")
     temporary.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(temporary, results_file)
     return results
+
+
+TEXT_KINDS = ("words", "numbers")
+
+
+def text_kind(written: str) -> str:
+    return "numbers" if written.isdigit() else "words"
+
+
+def textvqa_scores_by_kind(answers_file: Path, splits: Path) -> dict:
+    """{text type: {kind: TextVQA-format accuracy and samples}} for the text questions of an answers file."""
+    from ..evaluation.answers_file import read_answers
+    from ..evaluation.textvqa import load_annotations, score_textvqa
+    from .questions import TEXT_QUESTION_TYPES
+
+    question_types = json.loads((splits / "question_types.json").read_text())
+    annotations = load_annotations(splits / "textvqa_annotations.json")
+    written = {image_id: answers[0] for (image_id, _), answers in annotations.items()}
+    grouped = {}
+    for record in read_answers(answers_file).records:
+        question_type = question_types.get(str(record["question_id"]))
+        if question_type in TEXT_QUESTION_TYPES:
+            grouped.setdefault(question_type, {}).setdefault(text_kind(written[record["question_id"]]), []).append(record)
+    scores = {}
+    for question_type, by_kind in sorted(grouped.items()):
+        for kind, records in sorted(by_kind.items()):
+            score = score_textvqa(records, annotations)
+            scores.setdefault(question_type, {})[kind] = {"accuracy": score.accuracy, "samples": score.samples}
+    return scores
+
+
+def mmbench_text_items_by_kind(splits: Path) -> dict:
+    """{text type: {kind: every round of its MMBench-format questions}}, the kind told by the right option."""
+    from ..evaluation.mmbench import OPTION_LETTERS, load_mmbench_items, read_mmbench_table
+    from .questions import TEXT_QUESTION_TYPES
+
+    items, _ = load_mmbench_items(read_mmbench_table(splits / "mmbench_dev.tsv"))
+    grouped = {}
+    for item in items:
+        if item.category in TEXT_QUESTION_TYPES:
+            right_option = item.options[OPTION_LETTERS.index(item.answer)]
+            grouped.setdefault(item.category, {}).setdefault(text_kind(right_option), []).append(item)
+    return grouped
+
+
+def mmbench_scores_by_kind(answers_file: Path, items_by_kind: dict) -> dict:
+    """{text type: {kind: vanilla and circular accuracy, replies naming no option, questions}} of an answers file."""
+    from ..evaluation.answers_file import read_answers
+    from ..evaluation.mmbench import score_mmbench
+
+    records = read_answers(answers_file).records
+    scores = {}
+    for category, by_kind in sorted(items_by_kind.items()):
+        for kind, items in sorted(by_kind.items()):
+            keys = {item.key for item in items}
+            kept = [record for record in records if (record.get("question_id"), record.get("round_id", 0)) in keys]
+            tallies = score_mmbench(kept, items).per_category[category]
+            scores.setdefault(category, {})[kind] = {
+                "vanilla_accuracy": tallies["vanilla"].accuracy, "circular_accuracy": tallies["circular"].accuracy,
+                "vanilla_no_option_percent": tallies["no_option"].accuracy, "questions": tallies["circular"].total}
+    return scores
+
+
+def text_scores_by_kind(eval_dir: Path, splits: Path, by_likelihood: bool = True) -> dict:
+    """The text questions' scores split by what is written, a word or a number, per text size, from the answers
+    files `evaluate` wrote, by the harness's own scorers: {"textvqa", "mmbench" and "mmbench_likelihood": {text type:
+    {kind: scores}}}.
+
+    A word is one token; a number is spelt digit by digit, read in order from one image token. The per-type scores
+    alone hid that the demo model read words and not numbers.
+    """
+    items_by_kind = mmbench_text_items_by_kind(splits)
+    scores = {"textvqa": textvqa_scores_by_kind(eval_dir / "textvqa_answers.jsonl", splits),
+              "mmbench": mmbench_scores_by_kind(eval_dir / "mmbench_answers.jsonl", items_by_kind)}
+    if by_likelihood:
+        scores["mmbench_likelihood"] = mmbench_scores_by_kind(eval_dir / "mmbench_likelihood_answers.jsonl",
+                                                              items_by_kind)
+    return scores
 
 
 def evaluate_on_larger_split(work_dir: Path, eval_dir: Path, model_dir: Path, recipe: Recipe,

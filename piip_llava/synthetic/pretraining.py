@@ -9,8 +9,8 @@ after stage 2, against a 70% base rate). So the demo model and the PIIP experime
 their parts the pretraining real ones have, in miniature:
 
 - the encoder (all its branches and interactions together) learns to classify what each cell of
-  the scene's 3x3 grid holds (shape kind, colour and size; the printed word or each digit of the
-  number and its size class) from linear heads on its final feature maps, on freshly generated
+  the scene's 3x3 grid holds (shape kind, colour and size; the printed word or number, a number's
+  digits by place, and the text's size class) from linear heads on its final feature maps, on freshly generated
   scenes that never repeat and never coincide with the exported training or evaluation images;
 - the LLM learns the dataset's language and, above all, to answer from image tokens: captions and
   question turns about fresh scenes, in the stage-1 and stage-2 prompt formats, with each of the
@@ -70,6 +70,7 @@ from .questions import (
     with_listing_turn,
 )
 from .scenes import (
+    NUMBERS,
     PALETTE,
     SHAPE_KINDS,
     SHAPE_POSITIONS,
@@ -89,7 +90,7 @@ from .scenes import (
 logger = logging.get_logger(__name__)
 
 CELL_GRID = 3
-NUMBER_DIGITS = 3
+NUMBER_DIGITS = len(NUMBERS[-1])
 NONE = "none"
 ENCODER_TRAIN_SPLIT = "encoder-pretraining"
 ENCODER_CHECK_SPLIT = "encoder-check"
@@ -106,7 +107,7 @@ SCENE_ATTRIBUTES = {
     "object": (NONE, *(f"{colour} {kind}" for colour in PALETTE for kind in SHAPE_KINDS)),
     "object_position": (NONE, *(f"{colour} {kind} {position}" for colour in PALETTE for kind in SHAPE_KINDS
                                 for position in SHAPE_POSITIONS)),
-    "text": (NONE, *WORDS, "number"),
+    "text": (NONE, *WORDS, *NUMBERS),
     "text_size": (NONE, *TEXT_SIZE_CLASSES),
     **{f"digit_{place}": (NONE, *"0123456789") for place in range(NUMBER_DIGITS)},
 }
@@ -143,7 +144,7 @@ def scene_targets(scene: Scene, extra_texts: tuple[SceneText, ...] = ()) -> dict
         raise ValueError(f"Two texts share a corner cell: {[text.position for text in texts]}.")
     for text in texts:
         cell = cell_index(TEXT_POSITIONS[text.position])
-        targets["text"][cell] = SCENE_ATTRIBUTES["text"].index("number" if text.is_number else text.content)
+        targets["text"][cell] = SCENE_ATTRIBUTES["text"].index(text.content)
         targets["text_size"][cell] = SCENE_ATTRIBUTES["text_size"].index(text.size_class)
         if text.is_number:
             if len(text.content) > NUMBER_DIGITS:
@@ -624,7 +625,7 @@ def answer_accuracy(model, cell_embedding, conversations: CellTokenConversations
     the right option, see `MultipleChoice`); "look_alike_text_choice" is the text question asked with
     four options about the text cell blurred with a look-alike (`look_alike_text`), where only the
     options tell the two readings apart. "text_words" and "text_numbers" are the open text questions of
-    both sizes again, split by what is written: a word is one lookup, a number three digits in order.
+    both sizes again, split by what is written: a word is one lookup, a number its digits in order.
     """
     model.eval()
     correct, asked = Counter(), Counter()

@@ -17,7 +17,7 @@ from ..evaluation.mmbench import ANSWER_INSTRUCTIONS, OPTION_LETTERS
 from ..evaluation.textvqa import ANSWER_INSTRUCTION as SHORT_ANSWER_INSTRUCTION
 from .scenes import (
     MAX_SHAPES,
-    NUMBER_RANGE,
+    NUMBERS,
     PALETTE,
     SHAPE_KINDS,
     SHAPE_PLURALS,
@@ -188,7 +188,7 @@ def answer_space(question: Question) -> tuple[str, ...]:
     if question.question_type == "position":
         return tuple(SHAPE_POSITIONS)
     if question.answer.isdigit():
-        return tuple(str(number) for number in range(NUMBER_RANGE[0], NUMBER_RANGE[1] + 1))
+        return NUMBERS
     return WORDS
 
 
@@ -198,7 +198,7 @@ def chance_accuracy(question_type: str) -> float:
         raise ValueError(f"question type must be one of {QUESTION_TYPES}, got {question_type!r}.")
     sizes = {"colour": len(PALETTE), "shape": len(SHAPE_KINDS), "count": len(COUNT_ANSWERS),
              "position": len(SHAPE_POSITIONS)}
-    text_answers = len(WORDS) + NUMBER_RANGE[1] - NUMBER_RANGE[0] + 1
+    text_answers = len(WORDS) + len(NUMBERS)
     return 1.0 / sizes.get(question_type, text_answers)
 
 

@@ -55,7 +55,10 @@ WORDS = (
     "STOP", "OPEN", "BOOK", "FISH", "TREE", "LAMP", "MILK", "ROAD", "SHOP", "GOLD", "BIRD", "DOOR",
     "KITE", "RAIN", "SHIP", "FROG", "CAKE", "SALE",
 )
-NUMBER_RANGE = (10, 999)
+# Two-digit numbers: the demo model's 4-layer LLM read the first digit of numbers up to 999 every time and the
+# later ones 27% and 13% of the time, even from perfect stand-in image tokens (docs/training.md).
+NUMBER_RANGE = (10, 99)
+NUMBERS = tuple(str(number) for number in range(NUMBER_RANGE[0], NUMBER_RANGE[1] + 1))
 TEXT_MARGIN_FRACTION = 0.06
 WHITE = (255, 255, 255)
 TINT_RANGE = (228, 255)
