@@ -435,15 +435,15 @@ def mmbench_text_items_by_kind(splits: Path) -> dict:
 def mmbench_scores_by_kind(answers_file: Path, items_by_kind: dict) -> dict:
     """{text type: {kind: vanilla and circular accuracy, replies naming no option, questions}} of an answers file."""
     from ..evaluation.answers_file import read_answers
-    from ..evaluation.mmbench import score_mmbench
+    from ..evaluation.mmbench import match_records, score_mmbench
 
     records = read_answers(answers_file).records
     scores = {}
     for category, by_kind in sorted(items_by_kind.items()):
         for kind, items in sorted(by_kind.items()):
-            keys = {item.key for item in items}
-            kept = [record for record in records if (record.get("question_id"), record.get("round_id", 0)) in keys]
-            tallies = score_mmbench(kept, items).per_category[category]
+            # The subset's own answers, matched as the scorer matches them (the other questions' are not scored).
+            answers, _ = match_records(records, items)
+            tallies = score_mmbench(answers.values(), items).per_category[category]
             scores.setdefault(category, {})[kind] = {
                 "vanilla_accuracy": tallies["vanilla"].accuracy, "circular_accuracy": tallies["circular"].accuracy,
                 "vanilla_no_option_percent": tallies["no_option"].accuracy, "questions": tallies["circular"].total}
