@@ -455,8 +455,9 @@ def text_scores_by_kind(eval_dir: Path, splits: Path, by_likelihood: bool = True
     files `evaluate` wrote, by the harness's own scorers: {"textvqa", "mmbench" and "mmbench_likelihood": {text type:
     {kind: scores}}}.
 
-    A word is one token; a number is spelt digit by digit, read in order from one image token. The per-type scores
-    alone hid that the demo model read words and not numbers.
+    Both are spelt piece by piece from one image token, but a word was one class of the stage-0 cell tokens and
+    a number, before, one "number" class and its digits by place. The per-type scores alone hid that the demo
+    model read words and not numbers.
     """
     items_by_kind = mmbench_text_items_by_kind(splits)
     scores = {"textvqa": textvqa_scores_by_kind(eval_dir / "textvqa_answers.jsonl", splits),
