@@ -190,6 +190,10 @@ def side_by_side_minutes(steps: tuple[int, int], shared: tuple[float, float], al
     return (together + remaining) / 60
 
 
+def minutes_saved(minutes: float) -> str:
+    return f"{minutes:.1f} min saved" if minutes >= 0 else f"{-minutes:.1f} min lost"
+
+
 def machine_line(load_at_start: tuple[float, ...]) -> str:
     import platform
 
@@ -261,9 +265,9 @@ def main(argv=None) -> int:
          f"{one_after_other:.1f} min one after the other, {side_by_side:.1f} min side by side."),
         (f"- Encoder stage 0 with a data loader worker: "
          f"{encoder_in_process['seconds_per_step'] / encoder_worker['seconds_per_step']:.2f}x the steps/s "
-         f"({-encoder_saving:+.1f} min over {encoder_steps} steps)."),
+         f"({minutes_saved(encoder_saving)} over {encoder_steps} steps)."),
         (f"- Stage 2 with a data loader worker: {stage2_in_process / stage2_worker:.2f}x the steps/s "
-         f"({-stage2_saving:+.1f} min over {stage2_steps} steps)."),
+         f"({minutes_saved(stage2_saving)} over {stage2_steps} steps)."),
     ]
     report = "\n".join(lines) + "\n"
     print(report)

@@ -198,8 +198,9 @@ class EncoderPretraining:
     # held-out check keeps one text per scene, as the exported images have.
     corner_texts: bool = True
     # Data loader workers that draw and render the next steps' images while this process trains
-    # (`step_batches`); the batches are the same with any number.
-    data_workers: int = 1
+    # (`step_batches`); the batches are the same with any number. None by default: on 2 cores a worker
+    # gave 1.04x and 0.92x the steps/s in two runs (benchmarks/bench_demo_schedule.py).
+    data_workers: int = 0
     seed: int = 0
 
 
@@ -287,9 +288,8 @@ def as_built(batch):
 def step_batches(build_batch, steps: int, workers: int) -> torch.utils.data.DataLoader:
     """The steps' batches in order, `workers` processes building them ahead (none: built when needed).
 
-    The encoder's stage 0 uses one: its 2-thread steps leave the cores idle part of the time, and a
-    worker rendering the next scenes then gave 1.04x the steps/s on 2 idle AVX2 cores
-    (benchmarks/bench_demo_schedule.py).
+    Where cores are spare, a worker hides the drawing and rendering; on 2 cores the training process's
+    two threads already use them, and the recipe builds its batches in process.
     """
     return torch.utils.data.DataLoader(StepBatches(build_batch, steps), batch_size=None, shuffle=False,
                                        collate_fn=as_built, num_workers=workers,
