@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piip_llava.models.piip import PIIPVisionModel
+from piip_llava.models.piip.image_processing_piip import PIIPImageProcessor
 from piip_llava.synthetic import export_dataset
 from piip_llava.synthetic.export import item_rng
 from piip_llava.synthetic.pipeline import (
@@ -29,7 +30,9 @@ from piip_llava.synthetic.pretraining import (
     SCENE_ATTRIBUTES,
     CellAttributeEmbedding,
     CellTokenConversations,
+    EncoderBatches,
     EncoderPretraining,
+    LanguageBatches,
     LanguagePretraining,
     PretrainingImage,
     SceneAttributeHeads,
@@ -43,6 +46,7 @@ from piip_llava.synthetic.pretraining import (
     pretrain_language_model,
     pretraining_images,
     scene_targets,
+    step_batches,
     text_kind_key,
     training_sample,
 )
@@ -153,6 +157,19 @@ def test_encoder_pretraining_lowers_the_loss_saves_a_loadable_encoder_and_is_ski
     assert (out_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_a_data_loader_worker_builds_the_same_encoder_batches_in_the_same_order():
+    settings = EncoderPretraining(steps=3, batch_size=2)
+    build = EncoderBatches(settings, PIIPImageProcessor(size=64), image_size=64)
+    in_process = list(step_batches(build, settings.steps, workers=0))
+    from_worker = list(step_batches(build, settings.steps, workers=1))
+    assert len(in_process) == len(from_worker) == 3
+    for (pixels, targets), (worker_pixels, worker_targets) in zip(in_process, from_worker):
+        assert torch.equal(pixels, worker_pixels)
+        assert all(torch.equal(targets[name], worker_targets[name]) for name in SCENE_ATTRIBUTES)
+    # Consecutive steps draw different scenes.
+    assert not torch.equal(in_process[0][0], in_process[1][0])
+
+
 @pytest.mark.parametrize("corner", [True, False])
 def test_encoder_pretraining_trains_on_corner_texts_and_checks_on_single_texts(corner, tmp_path, monkeypatch):
     from piip_llava.synthetic import pretraining
@@ -167,7 +184,7 @@ def test_encoder_pretraining_trains_on_corner_texts_and_checks_on_single_texts(c
 
     monkeypatch.setattr(pretraining, "pretraining_images", recording)
     pretrain_encoder(TINY_CONFIG, tmp_path / "encoder",
-                     EncoderPretraining(steps=2, batch_size=2, check_images=2, corner_texts=corner))
+                     EncoderPretraining(steps=2, batch_size=2, check_images=2, corner_texts=corner, data_workers=0))
     assert {split: texts for split, texts in drawn} == {"encoder-pretraining": {3 if corner else 0},
                                                         "encoder-check": {0}}
 
@@ -312,6 +329,16 @@ def test_training_samples_are_captions_or_question_turns_with_a_supervised_listi
         assert tokenizer.decode([label for label in labels if label != -100]).replace(" ", "").startswith(
             caption(scene).replace(" ", "")[:20])
     assert with_statements > 0
+
+
+def test_a_data_loader_worker_draws_the_same_language_samples_in_the_same_order(small_export, tmp_path):
+    random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
+    conversations = CellTokenConversations(AutoTokenizer.from_pretrained(random_dir), max_length=1024)
+    settings = LanguagePretraining(steps=2, batch_size=3, max_turns=3, look_alike_text_rate=0.5)
+    build = LanguageBatches(conversations, settings)
+    in_process = list(step_batches(build, settings.steps, workers=0))
+    assert in_process == list(step_batches(build, settings.steps, workers=1))
+    assert in_process[1] == [training_sample(conversations, settings.seed, index, settings) for index in (3, 4, 5)]
 
 
 def test_language_pretraining_rejects_an_unknown_question_pool():
