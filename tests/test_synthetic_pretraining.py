@@ -25,6 +25,7 @@ from piip_llava.synthetic.pipeline import (
 )
 from piip_llava.synthetic.pretraining import (
     DIGIT_PLACES,
+    ENCODER_TRAIN_SPLIT,
     LANGUAGE_CHECK_SPLIT,
     METRICS_FILE,
     SCENE_ATTRIBUTES,
@@ -37,6 +38,7 @@ from piip_llava.synthetic.pretraining import (
     PretrainingImage,
     SceneAttributeHeads,
     attribute_loss,
+    batch_tensors,
     cell_index,
     cell_token_loss,
     corner_texts,
@@ -166,7 +168,11 @@ def test_a_data_loader_worker_builds_the_same_encoder_batches_in_the_same_order(
     for (pixels, targets), (worker_pixels, worker_targets) in zip(in_process, from_worker):
         assert torch.equal(pixels, worker_pixels)
         assert all(torch.equal(targets[name], worker_targets[name]) for name in SCENE_ATTRIBUTES)
-    # Consecutive steps draw different scenes.
+    # Step 1 is scenes 2 and 3 of the training split, with their corner texts, as the loop drew them in process.
+    pixels, targets = batch_tensors(pretraining_images(ENCODER_TRAIN_SPLIT, 2, 2, settings.seed, 64, True),
+                                    PIIPImageProcessor(size=64))
+    assert torch.equal(in_process[1][0], pixels)
+    assert all(torch.equal(in_process[1][1][name], targets[name]) for name in SCENE_ATTRIBUTES)
     assert not torch.equal(in_process[0][0], in_process[1][0])
 
 
