@@ -176,7 +176,7 @@ def measure_stage2(work_dir: Path, data_dir: Path, llm_dir: Path, steps: int, da
             "--global-batch-size", str(recipe.batch_size), "--learning-rate", str(recipe.finetune_lr),
             "--freeze-vision-branches", "--freeze-vision-tower", "--logging-steps", "10", "--save-steps", "100000",
             "--dataloader-workers", str(data_workers), *(["--scan-data"] if data_workers else []),
-            threads=recipe.threads)
+            *(["--bf16"] if recipe.bf16 else []), threads=recipe.threads)
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     runtime = next(entry["train_runtime"] for entry in history if "train_runtime" in entry)
     return runtime / steps
@@ -199,9 +199,13 @@ def machine_line(load_at_start: tuple[float, ...]) -> str:
 
     import torch
 
+    from piip_llava.synthetic.pipeline import Recipe
+
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return (f"Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, float32; load average at start "
+    stage2_precision = "bf16" if Recipe().bf16 else "float32"
+    return (f"Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}; stage 0 in float32 and stage 2 in "
+            f"{stage2_precision}, as the recipe runs them here; load average at start "
             f"{', '.join(f'{load:.2f}' for load in load_at_start)}. Seconds per step after {WARMUP_STEPS} warm-up steps.")
 
 

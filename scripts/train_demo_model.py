@@ -8,11 +8,11 @@ a small LLaMA-style LLM and a tokenizer trained on the dataset's texts. Stage 0 
 and the LLM the pretraining real backbones have (`piip_llava.synthetic.pretraining`); then
 `piip-llava train` runs stage 1 (projector only, `plain` captions) and stage 2 (`vicuna_v1`
 conversations, backbones fixed), and `piip-llava eval` scores held-out TextVQA-format and
-MMBench-format splits. On 2 cores: an earlier version of the recipe took 27.5 minutes from scratch in bf16
-on an Intel CPU with AVX512_BF16 (stage-0 LLM 12.3, stage-0 encoder 7.1, stage 1 1.3, stage 2 6.0,
-evaluation 0.5); the current one took 66 minutes in float32 on an AVX2-only AMD EPYC (stage-0 LLM 34.7,
-stage-0 encoder 12.4, stage 1 3.0, stage 2 14.6, evaluation 1.3; precision follows the CPU, see
-`piip_llava.training.precision`). The log gives each step's time.
+MMBench-format splits. On 2 cores the recipe took 66 minutes in float32 on an AVX2-only AMD EPYC
+(stage-0 LLM 34.7, stage-0 encoder 12.4, stage 1 3.0, stage 2 14.6, evaluation 1.3), and its stages
+took about 40 on an AMD EPYC with AVX512_BF16 (stage-0 LLM 22.2 and encoder 7.9 in float32, stage 1
+1.6 and stage 2 6.8 in bf16, evaluation 0.8). Stages 1 and 2 run in bf16 where the CPU has it in
+hardware; both stage-0 loops stay float32 (`Recipe.bf16`). The log gives each step's time.
 Every step resumes or is skipped when run again.
 
     python scripts/train_demo_model.py --work-dir outputs/demo --install --large-check 600

@@ -448,6 +448,23 @@ def test_recipe_reading_switches_reach_both_stage_0s_and_train_init(switches, tm
     assert ("--projector-antialias" in init) is expected
 
 
+def test_a_bf16_recipe_keeps_the_stage_0_llm_in_float32_and_trains_stages_1_and_2_in_bf16(tmp_path, monkeypatch):
+    from piip_llava.synthetic import pipeline, pretraining
+
+    seen = {}
+    monkeypatch.setattr(pretraining, "pretrain_language_model",
+                        lambda random_dir, out, settings: seen.setdefault("llm", settings))
+    monkeypatch.setattr(pipeline, "build_llm", lambda llm_dir, data_dir, recipe: llm_dir)
+    monkeypatch.setattr(pipeline, "run_cli", lambda *arguments, threads: seen.setdefault("commands", []).append(arguments))
+    recipe = Recipe(bf16=True)
+    pipeline.pretrain_llm(tmp_path, tmp_path, recipe)
+    pipeline.train_two_stages(tmp_path, tmp_path / "encoder", tmp_path, tmp_path / "llm", recipe)
+    assert seen["llm"].bf16 is False
+    stages = [arguments for arguments in seen["commands"] if arguments[:2] == ("train", "--stage")]
+    assert [arguments[2] for arguments in stages] == ["pretrain", "finetune"]
+    assert all("--bf16" in arguments for arguments in stages)
+
+
 def test_stage2_records_without_text_keep_every_other_turn_and_one_image_placeholder(small_export):
     records = json.loads((small_export / "finetune.json").read_text())
     subset = json.loads(write_questions_without_text(small_export).read_text())

@@ -347,8 +347,9 @@ def optimise(parameters: list[torch.Tensor], batches, batch_loss, learning_rate:
     `step_batches` loader); `batch_loss(batch)` gives each step's loss.
 
     `bf16` runs the forward passes under bfloat16 autocast (the weights and optimizer stay float32), as
-    `piip-llava train --bf16` does for stages 1 and 2. On a CPU with AVX-512 BF16 it measured 1.37x the
-    float32 steps/s for the LLM.
+    `piip-llava train --bf16` does for stages 1 and 2. On CPUs with AVX-512 BF16 it measured 1.37x and
+    1.7x the float32 steps/s for the LLM, but the demo recipe's stage-0 loops run without it (see
+    `Recipe.bf16`).
     """
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, len(batches))
@@ -419,8 +420,9 @@ class LanguagePretraining:
     docs/training.md): captions (10%) and conversations of up to 12 of the scene's questions, mostly
     without the short-answer instruction (shorter turns, more answers per token), 80% of them with a
     "List the shapes." turn answered by `scene_statements`, the questions themselves predicted too
-    (`question_loss`), 10% of the questions as multiple choice. The demo recipe runs 700 steps: about 12
-    minutes on 2 cores with bf16 hardware, about 23 in float32 without it (see `training.precision`).
+    (`question_loss`), 10% of the questions as multiple choice. The demo recipe runs 700 steps in
+    float32: 18 to 35 minutes on 2 cores, by the machine. `bf16` is there for experiments; the recipe
+    leaves it off, as its lookups were not learnt under it (see `Recipe.bf16`).
     """
 
     steps: int = 450
