@@ -46,9 +46,9 @@ class Recipe:
     eval_images: int = 150
     vocab_size: int = 640
     pretrain_epochs: float = 2.0
-    # With bf16 hardware and conversations of up to 6 questions and a listing turn (`finetune_items`), 700
-    # stage-0 LLM steps and 4 stage-2 epochs fit the 30-minute budget on 2 cores; in float32 on an AVX2-only
-    # CPU they do not (docs/training.md).
+    # 700 stage-0 LLM steps (float32) and 4 stage-2 epochs of conversations of up to 6 questions and a
+    # listing turn (`finetune_items`): about 40 minutes on 2 cores with bf16 hardware for stages 1 and 2,
+    # 66 in float32 on an AVX2-only CPU, over the 30-minute budget (docs/training.md).
     finetune_epochs: float = 4.0
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
