@@ -423,16 +423,11 @@ def test_recipe_options_parse_from_the_command_line_including_switches():
     assert changed.encoder_pretraining_steps == 10 and changed.describe_turns is False
 
 
-@pytest.mark.parametrize("switches", [[], ["--no-encoder-corner-texts", "--no-projector-antialias",
-                                            "--no-digit-place-codes"]], ids=["on", "off"])
-def test_recipe_reading_switches_reach_both_stage_0s_and_train_init(switches, tmp_path, monkeypatch):
+def settings_and_commands_of_the_pipeline(recipe: Recipe, tmp_path, monkeypatch) -> dict:
+    """What the pipeline hands each stage for `recipe`: both stage-0 settings and the `piip-llava` commands of
+    `train init` and stages 1 and 2, recorded instead of run."""
     from piip_llava.synthetic import pipeline, pretraining
 
-    parser = argparse.ArgumentParser()
-    Recipe.add_arguments(parser)
-    recipe = Recipe.from_arguments(parser.parse_args(switches))
-    expected = not switches
-    assert (recipe.encoder_corner_texts, recipe.projector_antialias, recipe.digit_place_codes) == (expected,) * 3
     seen = {}
     monkeypatch.setattr(pretraining, "pretrain_encoder", lambda config, out, settings: seen.setdefault("encoder", settings))
     monkeypatch.setattr(pretraining, "pretrain_language_model",
@@ -442,6 +437,18 @@ def test_recipe_reading_switches_reach_both_stage_0s_and_train_init(switches, tm
     pipeline.pretrain_vision_encoder(tmp_path, Path(TINY_CONFIG), recipe)
     pipeline.pretrain_llm(tmp_path, tmp_path, recipe)
     pipeline.train_two_stages(tmp_path, tmp_path / "encoder", tmp_path, tmp_path / "llm", recipe)
+    return seen
+
+
+@pytest.mark.parametrize("switches", [[], ["--no-encoder-corner-texts", "--no-projector-antialias",
+                                            "--no-digit-place-codes"]], ids=["on", "off"])
+def test_recipe_reading_switches_reach_both_stage_0s_and_train_init(switches, tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    Recipe.add_arguments(parser)
+    recipe = Recipe.from_arguments(parser.parse_args(switches))
+    expected = not switches
+    assert (recipe.encoder_corner_texts, recipe.projector_antialias, recipe.digit_place_codes) == (expected,) * 3
+    seen = settings_and_commands_of_the_pipeline(recipe, tmp_path, monkeypatch)
     assert seen["encoder"].corner_texts is expected and seen["encoder"].antialias is expected
     assert seen["llm"].digit_place_codes is expected
     init = next(arguments for arguments in seen["commands"] if arguments[:2] == ("train", "init"))
@@ -449,16 +456,7 @@ def test_recipe_reading_switches_reach_both_stage_0s_and_train_init(switches, tm
 
 
 def test_a_bf16_recipe_keeps_the_stage_0_llm_in_float32_and_trains_stages_1_and_2_in_bf16(tmp_path, monkeypatch):
-    from piip_llava.synthetic import pipeline, pretraining
-
-    seen = {}
-    monkeypatch.setattr(pretraining, "pretrain_language_model",
-                        lambda random_dir, out, settings: seen.setdefault("llm", settings))
-    monkeypatch.setattr(pipeline, "build_llm", lambda llm_dir, data_dir, recipe: llm_dir)
-    monkeypatch.setattr(pipeline, "run_cli", lambda *arguments, threads: seen.setdefault("commands", []).append(arguments))
-    recipe = Recipe(bf16=True)
-    pipeline.pretrain_llm(tmp_path, tmp_path, recipe)
-    pipeline.train_two_stages(tmp_path, tmp_path / "encoder", tmp_path, tmp_path / "llm", recipe)
+    seen = settings_and_commands_of_the_pipeline(Recipe(bf16=True), tmp_path, monkeypatch)
     assert seen["llm"].bf16 is False
     stages = [arguments for arguments in seen["commands"] if arguments[:2] == ("train", "--stage")]
     assert [arguments[2] for arguments in stages] == ["pretrain", "finetune"]
