@@ -79,6 +79,8 @@ def run_role(args: argparse.Namespace) -> dict:
         LanguagePretraining,
         SceneAttributeHeads,
         attribute_loss,
+        encoder_to_pretrain,
+        language_model_to_pretrain,
         length_grouped_loss,
         step_batches,
     )
@@ -88,7 +90,7 @@ def run_role(args: argparse.Namespace) -> dict:
     recipe = Recipe()
     many_steps = 100_000
     if args.role == "encoder":
-        from piip_llava.models.piip import PIIPVisionConfig, PIIPVisionModel
+        from piip_llava.models.piip import PIIPVisionConfig
         from piip_llava.models.piip.image_processing_piip import PIIPImageProcessor
 
         settings = EncoderPretraining(steps=many_steps, antialias=recipe.projector_antialias,
@@ -96,7 +98,7 @@ def run_role(args: argparse.Namespace) -> dict:
         if args.data_workers is not None:
             settings = replace(settings, data_workers=args.data_workers)
         config = PIIPVisionConfig(**json.loads(DEMO_VISION_CONFIG.read_text()))
-        encoder = PIIPVisionModel(config).train()
+        encoder = encoder_to_pretrain(config)
         heads = SceneAttributeHeads(config.branch_output_widths, settings.antialias)
         parameters = [*encoder.parameters(), *heads.parameters()]
         batches = step_batches(EncoderBatches(settings, PIIPImageProcessor(size=config.image_size), config.image_size),
@@ -106,14 +108,15 @@ def run_role(args: argparse.Namespace) -> dict:
             pixel_values, targets = batch
             return attribute_loss(heads(encoder(pixel_values).feature_maps), targets)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         settings = LanguagePretraining(steps=many_steps, look_alike_text_rate=recipe.look_alike_text_rate,
-                                       digit_place_codes=recipe.digit_place_codes)
+                                       digit_place_codes=recipe.digit_place_codes,
+                                       bf16=recipe.bf16 and recipe.language_pretraining_bf16)
         if args.data_workers is not None:
             settings = replace(settings, data_workers=args.data_workers)
         tokenizer = AutoTokenizer.from_pretrained(args.llm_dir)
-        model = AutoModelForCausalLM.from_pretrained(args.llm_dir, dtype=torch.float32).train()
+        model = language_model_to_pretrain(args.llm_dir, settings)
         cell_embedding = CellAttributeEmbedding(tokenizer, model.get_input_embeddings(), settings.digit_place_codes)
         if args.compile:
             # The decoder stack (embeddings in, hidden states out) compiled by inductor; lengths vary by step.
@@ -127,8 +130,12 @@ def run_role(args: argparse.Namespace) -> dict:
 
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
+    # The recipe's precision: the LLM's stage 0 in bf16 where the CPU has it (`Recipe.bf16`), the encoder's in float32.
+    bf16 = args.role == "llm" and settings.bf16
+
     def step(batch) -> None:
-        loss = loss_of(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -203,9 +210,9 @@ def machine_line(load_at_start: tuple[float, ...]) -> str:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    stage2_precision = "bf16" if Recipe().bf16 else "float32"
-    return (f"Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}; stage 0 in float32 and stage 2 in "
-            f"{stage2_precision}, as the recipe runs them here; load average at start "
+    precision = "bf16 (attention in float32 in the LLM's stage 0)" if Recipe().bf16 else "float32"
+    return (f"Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}; the encoder's stage 0 in float32, the "
+            f"LLM's stage 0 and stage 2 in {precision}, as the recipe runs them here; load average at start "
             f"{', '.join(f'{load:.2f}' for load in load_at_start)}. Seconds per step after {WARMUP_STEPS} warm-up steps.")
 
 

@@ -10,8 +10,9 @@ import numpy
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from piip_llava.models.piip import PIIPVisionModel
+from piip_llava.models.piip import PIIPVisionConfig, PIIPVisionModel
 from piip_llava.models.piip.image_processing_piip import PIIPImageProcessor
 from piip_llava.synthetic import export_dataset
 from piip_llava.synthetic.export import item_rng
@@ -42,6 +43,7 @@ from piip_llava.synthetic.pretraining import (
     cell_index,
     cell_token_loss,
     corner_texts,
+    encoder_to_pretrain,
     length_grouped_loss,
     look_alike_text,
     pretrain_encoder,
@@ -54,6 +56,7 @@ from piip_llava.synthetic.pretraining import (
 )
 from piip_llava.synthetic.questions import caption, qa_conversation, questions_of_type, scene_statements
 from piip_llava.synthetic.scenes import TEXT_POSITIONS, WORDS, Scene, SceneText, Shape, generate_scene, render_scene
+from piip_llava.training import precision
 from piip_llava.training.data import TRAINING_PAD_MULTIPLE
 
 TINY_CONFIG = "configs/tiny_convnext_clip.json"
@@ -157,6 +160,22 @@ def test_encoder_pretraining_lowers_the_loss_saves_a_loadable_encoder_and_is_ski
     stamp = (out_dir / "model.safetensors").stat().st_mtime_ns
     pretrain_encoder(TINY_CONFIG, out_dir, settings)
     assert (out_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_the_encoder_pretrains_channels_last_with_the_same_outputs():
+    config = PIIPVisionConfig(**json.loads(Path(TINY_CONFIG).read_text()))
+    torch.manual_seed(0)
+    encoder = encoder_to_pretrain(config)
+    convolutions = [module.weight for module in encoder.modules() if isinstance(module, torch.nn.Conv2d)]
+    assert convolutions and all(weight.is_contiguous(memory_format=torch.channels_last) for weight in convolutions)
+    assert encoder.training
+    torch.manual_seed(0)
+    contiguous = PIIPVisionModel(config)
+    pixel_values = torch.randn(2, 3, config.image_size, config.image_size)
+    maps = encoder.eval()(pixel_values).feature_maps
+    expected = contiguous.eval()(pixel_values).feature_maps
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_data_loader_worker_builds_the_same_encoder_batches_in_the_same_order():
@@ -396,13 +415,22 @@ def test_language_pretraining_replaces_an_unfinished_or_foreign_directory(small_
     assert AutoModelForCausalLM.from_pretrained(out_dir).config.vocab_size > 0
 
 
-def test_bf16_language_pretraining_keeps_float32_weights_and_learns(small_export, tmp_path):
+def test_bf16_language_pretraining_keeps_float32_weights_and_attention_and_learns(small_export, tmp_path, monkeypatch):
+    kernel_calls = []
+
+    def recording_sdpa(module, query, key, value, *arguments, **options):
+        kernel_calls.append((torch.is_autocast_enabled("cpu"), query.dtype))
+        return sdpa_attention_forward(module, query, key, value, *arguments, **options)
+
+    monkeypatch.setattr(precision, "sdpa_attention_forward", recording_sdpa)
     random_dir = build_llm(tmp_path / "llm_random", small_export, Recipe(vocab_size=300))
     settings = LanguagePretraining(steps=12, batch_size=4, learning_rate=3e-3, check_scenes=2, max_length=1024,
                                    max_turns=2, bf16=True)
     out_dir = pretrain_language_model(random_dir, tmp_path / "llm", settings)
     metrics = json.loads((out_dir / METRICS_FILE).read_text())
     assert metrics["settings"]["bf16"] is True and metrics["final_loss"] < metrics["first_loss"] - 1.0
+    # Every training step's attention ran in float32 with autocast off (the held-out check runs without autocast).
+    assert len(kernel_calls) >= settings.steps and set(kernel_calls) == {(False, torch.float32)}
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
 
@@ -455,12 +483,17 @@ def test_recipe_reading_switches_reach_both_stage_0s_and_train_init(switches, tm
     assert ("--projector-antialias" in init) is expected
 
 
-def test_a_bf16_recipe_keeps_the_stage_0_llm_in_float32_and_trains_stages_1_and_2_in_bf16(tmp_path, monkeypatch):
-    seen = settings_and_commands_of_the_pipeline(Recipe(bf16=True), tmp_path, monkeypatch)
-    assert seen["llm"].bf16 is False
+@pytest.mark.parametrize(("bf16", "language_pretraining_bf16", "llm_in_bf16"),
+                         [(True, True, True), (True, False, False), (False, True, False)],
+                         ids=["bf16", "bf16-but-the-stage-0-llm", "float32"])
+def test_the_recipe_precision_reaches_the_stage_0_llm_and_stages_1_and_2(bf16, language_pretraining_bf16,
+                                                                          llm_in_bf16, tmp_path, monkeypatch):
+    recipe = Recipe(bf16=bf16, language_pretraining_bf16=language_pretraining_bf16)
+    seen = settings_and_commands_of_the_pipeline(recipe, tmp_path, monkeypatch)
+    assert seen["llm"].bf16 is llm_in_bf16
     stages = [arguments for arguments in seen["commands"] if arguments[:2] == ("train", "--stage")]
     assert [arguments[2] for arguments in stages] == ["pretrain", "finetune"]
-    assert all("--bf16" in arguments for arguments in stages)
+    assert all(("--bf16" in arguments) is bf16 for arguments in stages)
 
 
 def test_stage2_records_without_text_keep_every_other_turn_and_one_image_placeholder(small_export):

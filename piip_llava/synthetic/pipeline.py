@@ -46,9 +46,9 @@ class Recipe:
     eval_images: int = 150
     vocab_size: int = 640
     pretrain_epochs: float = 2.0
-    # 700 stage-0 LLM steps (float32) and 4 stage-2 epochs of conversations of up to 6 questions and a
-    # listing turn (`finetune_items`): about 40 minutes on 2 cores with bf16 hardware for stages 1 and 2,
-    # 66 in float32 on an AVX2-only CPU, over the 30-minute budget (docs/training.md).
+    # 700 stage-0 LLM steps and 4 stage-2 epochs of conversations of up to 6 questions and a listing turn
+    # (`finetune_items`): 28.6 minutes on 2 cores with bf16 hardware, 66 in float32 on an AVX2-only CPU
+    # (docs/training.md).
     finetune_epochs: float = 4.0
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
@@ -89,15 +89,20 @@ class Recipe:
     # reading the map at the cell's centre, in the projector and in the encoder's stage-0 heads alike. An
     # 8x8 map read at 3 points leaves most of each cell unread, and the text sits anywhere in its corner cell.
     projector_antialias: bool = True
-    # bfloat16 autocast in stages 1 and 2 (`piip-llava train --bf16`); weights stay float32. On by default
-    # only where the CPU has hardware bfloat16 (`cpu_has_native_bf16`): on a 2-core Intel CPU with
-    # AVX512_BF16 stage 2 ran 1.7x the float32 steps/s; on a 2-core AVX2 EPYC the emulated bf16 took 47 s a
-    # stage-0 LLM step against 2.04 s in float32. Both stage-0 loops stay float32 whatever this says:
-    # the encoder's one bf16 run read words worse (71% against 88%), and on a 2-core AMD EPYC with
-    # AVX512_BF16 the stage-0 LLM in bf16 (1.7x the steps/s) left its lookups unlearnt: teacher-forced
-    # colour 56% and numbers 7% against 94% and 54% in float32 from the same data and weights, and the
-    # whole model read 74.0% of the large check against 95.8% for the shipped one (docs/training.md).
+    # bfloat16 autocast in the stage-0 LLM and stages 1 and 2 (`piip-llava train --bf16`); weights stay float32.
+    # On by default only where the CPU has hardware bfloat16 (`cpu_has_native_bf16`): on a 2-core AMD EPYC
+    # with AVX512_BF16 the stage-0 LLM ran 1.6x the float32 steps/s, on a 2-core Intel CPU with it stage 2
+    # 1.7x; on a 2-core AVX2 EPYC
+    # the emulated bf16 took 47 s a stage-0 LLM step against 2.04 s in float32. The encoder's stage 0 stays
+    # float32 (its one bf16 run read words worse, 71% against 88%). In the stage-0 LLM the attention kernel
+    # stays float32 (`float32_sdpa_attention`): with it in bf16 too, the loss fell behind float32's from step
+    # 200 and the LLM read colour 56% and numbers 7% (teacher-forced) against 94% and 54% in float32.
     bf16: bool = field(default_factory=cpu_has_native_bf16)
+    # Whether `bf16` covers the stage-0 LLM. On the AVX512_BF16 EPYC, its bf16 run learnt every lookup
+    # but colour (58% teacher-forced against 94% in float32; the finished model 61% against 100%, with
+    # the other types level) in 12.6 minutes against 22.2, the difference between a 28.6-minute recipe
+    # and a 40-minute one (docs/training.md).
+    language_pretraining_bf16: bool = True
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
 
 
@@ -285,8 +290,8 @@ def pretrain_llm(work_dir: Path, data_dir: Path, recipe: Recipe) -> Path:
         raise ValueError(f"Language pretraining reads one token per scene cell, so projector_grid must be {CELL_GRID}, "
                          f"got {recipe.projector_grid}.")
     random_dir = build_llm(work_dir / "llm_random", data_dir, recipe)
-    # Float32 even where `recipe.bf16` holds: in bf16 this loop did not learn its lookups (see `Recipe.bf16`).
-    settings = LanguagePretraining(steps=recipe.language_pretraining_steps, seed=recipe.seed, bf16=False,
+    settings = LanguagePretraining(steps=recipe.language_pretraining_steps, seed=recipe.seed,
+                                   bf16=recipe.bf16 and recipe.language_pretraining_bf16,
                                    look_alike_text_rate=recipe.look_alike_text_rate,
                                    digit_place_codes=recipe.digit_place_codes)
     return pretrain_language_model(random_dir, work_dir / "llm", settings)

@@ -9,17 +9,23 @@ slower than float32, not faster. Measured on this project's machines, 2 cores ea
   in bf16 autocast against 0.038 s in float32 (40x slower); one stage-0 LLM step took 47 s
   against 2.04 s;
 - AMD EPYC with AVX512_BF16: the stage-0 LLM's 700 steps took 13.3 minutes in bf16 against 22.2 in
-  float32, stage 2 6.8 minutes in bf16.
+  float32, and 12.6 with its attention kernel in float32 (`FLOAT32_ATTENTION`); stage 2 6.7-6.8
+  minutes in bf16.
 
-So the synthetic recipe turns bf16 on for stages 1 and 2 by default only where the CPU has it
-natively, and a training run asked for bf16 on a CPU without it warns. Its stage-0 loops stay
-float32 everywhere: in bf16 the stage-0 LLM did not learn its lookups (`synthetic.pipeline.Recipe`).
+So the synthetic recipe turns bf16 on by default only where the CPU has it natively, and a training
+run asked for bf16 on a CPU without it warns. Where the recipe's stage-0 LLM trains in bf16, its
+attention itself stays float32 (`FLOAT32_ATTENTION`): with bf16 attention it did not learn its lookups
+(`synthetic.pipeline.Recipe`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -60,3 +66,27 @@ def warn_if_cpu_bf16_is_emulated(bf16: bool, on_cpu: bool, cpu_info: Path | None
         "AVX2 machine). Leave out --bf16 on this machine."
     )
     return True
+
+
+# The attention implementation (`attn_implementation`) that runs SDPA in float32 inside bf16 autocast.
+FLOAT32_ATTENTION = "sdpa_float32"
+
+
+def float32_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention with autocast off and query, key and value in float32; the projections
+    around it stay in the autocast's dtype.
+
+    Why: trained from scratch under bf16 autocast on a CPU with AVX512_BF16, the stage-0 LLM's loss fell
+    behind float32's from step 200 (0.028 higher at steps 250-300, same batches) and it did not learn
+    its lookups; with only this kernel in float32 it stayed level with float32 (0.006 lower at steps
+    250-300) at 1.6x float32's steps/s, against 1.7x for all of it in bf16 (docs/training.md).
+    """
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+
+
+def register_float32_attention() -> str:
+    """Make `FLOAT32_ATTENTION` a valid `attn_implementation` (its masks are SDPA's); returns the name."""
+    AttentionInterface.register(FLOAT32_ATTENTION, float32_sdpa_attention)
+    AttentionMaskInterface.register(FLOAT32_ATTENTION, sdpa_mask)
+    return FLOAT32_ATTENTION
