@@ -92,11 +92,11 @@ class Recipe:
     # bfloat16 autocast in the stage-0 LLM and stages 1 and 2 (`piip-llava train --bf16`); weights stay float32.
     # On by default only where the CPU has hardware bfloat16 (`cpu_has_native_bf16`): on a 2-core AMD EPYC
     # with AVX512_BF16 the stage-0 LLM ran 1.6x the float32 steps/s, on a 2-core Intel CPU with it stage 2
-    # 1.7x; on a 2-core AVX2 EPYC
-    # the emulated bf16 took 47 s a stage-0 LLM step against 2.04 s in float32. The encoder's stage 0 stays
-    # float32 (its one bf16 run read words worse, 71% against 88%). In the stage-0 LLM the attention kernel
-    # stays float32 (`float32_sdpa_attention`): with it in bf16 too, the loss fell behind float32's from step
-    # 200 and the LLM read colour 56% and numbers 7% (teacher-forced) against 94% and 54% in float32.
+    # 1.7x; on a 2-core AVX2 EPYC the emulated bf16 took 47 s a stage-0 LLM step against 2.04 s in float32.
+    # The encoder's stage 0 stays float32 (its one bf16 run read words worse, 71% against 88%). In the
+    # stage-0 LLM the attention kernel stays float32 (`float32_sdpa_attention`): with it in bf16 too, the
+    # loss fell behind float32's from step 200 and the LLM read colour 56% and numbers 7% (teacher-forced)
+    # against 94% and 54% in float32.
     bf16: bool = field(default_factory=cpu_has_native_bf16)
     # Whether `bf16` covers the stage-0 LLM. On the AVX512_BF16 EPYC, its bf16 run learnt every lookup
     # but colour (58% teacher-forced against 94% in float32; the finished model 61% against 100%, with

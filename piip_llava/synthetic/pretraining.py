@@ -431,8 +431,8 @@ class LanguagePretraining:
     "List the shapes." turn answered by `scene_statements`, the questions themselves predicted too
     (`question_loss`), 10% of the questions as multiple choice. The demo recipe runs 700 steps: 18 to 35
     minutes on 2 cores in float32, by the machine, and 12 to 14 in `bf16` on a CPU with AVX512_BF16. In bf16
-    the attention kernel stays float32 (`float32_sdpa_attention`): with bf16 attention too, the lookups were
-    not learnt (see `Recipe.bf16`).
+    the attention kernel stays float32 (`float32_sdpa_attention`): with bf16 attention too, colour and numbers
+    were not learnt; with the float32 kernel, colour was not, in one run (see `Recipe.bf16`).
     """
 
     steps: int = 450
@@ -740,7 +740,8 @@ def answer_accuracy(model, cell_embedding, conversations: CellTokenConversations
 
 def language_model_to_pretrain(llm_dir: str | os.PathLike, settings: LanguagePretraining):
     """The LLM in `llm_dir`, float32 weights, in training mode on `settings.device`; with `settings.bf16`, its
-    attention kernel runs in float32 inside the bf16 autocast (`float32_sdpa_attention`), as its lookups need.
+    attention kernel runs in float32 inside the bf16 autocast (`float32_sdpa_attention`), which kept its loss
+    level with float32's where bf16 attention did not.
     The saved config does not name that implementation, so the result loads anywhere with the default one."""
     from transformers import AutoModelForCausalLM
 

@@ -78,8 +78,9 @@ def float32_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
 
     Why: trained from scratch under bf16 autocast on a CPU with AVX512_BF16, the stage-0 LLM's loss fell
     behind float32's from step 200 (0.028 higher at steps 250-300, same batches) and it did not learn
-    its lookups; with only this kernel in float32 it stayed level with float32 (0.006 lower at steps
-    250-300) at 1.6x float32's steps/s, against 1.7x for all of it in bf16 (docs/training.md).
+    its lookups; with only this kernel in float32 it kept level with float32 to step 450 (0.006 lower
+    at steps 250-300, 0.007 higher at the end) at 1.6x float32's steps/s, against 1.7x for all of it in
+    bf16. It then learnt every lookup but colour (docs/training.md).
     """
     with torch.autocast(query.device.type, enabled=False):
         return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
