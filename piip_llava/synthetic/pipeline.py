@@ -47,8 +47,8 @@ class Recipe:
     vocab_size: int = 640
     pretrain_epochs: float = 2.0
     # 700 stage-0 LLM steps and 4 stage-2 epochs of conversations of up to 6 questions and a listing turn
-    # (`finetune_items`): 28.6 minutes on 2 cores with bf16 hardware, 66 in float32 on an AVX2-only CPU
-    # (docs/training.md).
+    # (`finetune_items`): 28.6 and 30.4 minutes in two runs on 2 cores with bf16 hardware, 66 in float32 on
+    # an AVX2-only CPU (docs/training.md).
     finetune_epochs: float = 4.0
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
@@ -100,8 +100,8 @@ class Recipe:
     bf16: bool = field(default_factory=cpu_has_native_bf16)
     # Whether `bf16` covers the stage-0 LLM. On the AVX512_BF16 EPYC, its bf16 run learnt every lookup
     # but colour (58% teacher-forced against 94% in float32; the finished model 61% against 100%, with
-    # the other types level) in 12.6 minutes against 22.2, the difference between a 28.6-minute recipe
-    # and a 40-minute one (docs/training.md).
+    # the other types level) in 12.6-13.3 minutes against 22.2, the difference between a recipe of about
+    # 30 minutes and one of 40 (docs/training.md).
     language_pretraining_bf16: bool = True
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
 
