@@ -130,7 +130,8 @@ def run_role(args: argparse.Namespace) -> dict:
 
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
-    # The recipe's precision: the LLM's stage 0 in bf16 where the CPU has it (`Recipe.bf16`), the encoder's in float32.
+    # The recipe's precision: the LLM's stage 0 as `LanguagePretraining.bf16` says (set from the recipe above),
+    # the encoder's in float32.
     bf16 = args.role == "llm" and settings.bf16
 
     def step(batch) -> None:
@@ -210,9 +211,12 @@ def machine_line(load_at_start: tuple[float, ...]) -> str:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    precision = "bf16 (attention in float32 in the LLM's stage 0)" if Recipe().bf16 else "float32"
+    recipe = Recipe()
+    llm_precision = ("bf16 with its attention kernel in float32" if recipe.bf16 and recipe.language_pretraining_bf16
+                     else "float32")
     return (f"Machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}; the encoder's stage 0 in float32, the "
-            f"LLM's stage 0 and stage 2 in {precision}, as the recipe runs them here; load average at start "
+            f"LLM's stage 0 in {llm_precision}, stage 2 in {'bf16' if recipe.bf16 else 'float32'}, as the recipe "
+            f"runs them here; load average at start "
             f"{', '.join(f'{load:.2f}' for load in load_at_start)}. Seconds per step after {WARMUP_STEPS} warm-up steps.")
 
 
