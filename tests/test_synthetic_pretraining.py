@@ -486,11 +486,12 @@ def test_recipe_reading_switches_reach_both_stage_0s_and_train_init(switches, tm
 @pytest.mark.parametrize(("bf16", "language_pretraining_bf16", "llm_in_bf16"),
                          [(True, True, True), (True, False, False), (False, True, False)],
                          ids=["bf16", "bf16-but-the-stage-0-llm", "float32"])
-def test_the_recipe_precision_reaches_the_stage_0_llm_and_stages_1_and_2(bf16, language_pretraining_bf16,
-                                                                          llm_in_bf16, tmp_path, monkeypatch):
-    recipe = Recipe(bf16=bf16, language_pretraining_bf16=language_pretraining_bf16)
+def test_the_recipe_precision_and_llm_rate_reach_stage_0_and_stages_1_and_2(bf16, language_pretraining_bf16,
+                                                                             llm_in_bf16, tmp_path, monkeypatch):
+    recipe = Recipe(bf16=bf16, language_pretraining_bf16=language_pretraining_bf16, language_pretraining_lr=1e-3)
     seen = settings_and_commands_of_the_pipeline(recipe, tmp_path, monkeypatch)
     assert seen["llm"].bf16 is llm_in_bf16
+    assert seen["llm"].learning_rate == 1e-3
     stages = [arguments for arguments in seen["commands"] if arguments[:2] == ("train", "--stage")]
     assert [arguments[2] for arguments in stages] == ["pretrain", "finetune"]
     assert all(("--bf16" in arguments) is bf16 for arguments in stages)
