@@ -53,7 +53,7 @@ class Recipe:
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
     batch_size: int = 16
-    encoder_pretraining_steps: int = 1800
+    encoder_pretraining_steps: int = 1500
     # The encoder's stage-0 scenes carry a text in every corner (`EncoderPretraining.corner_texts`).
     encoder_corner_texts: bool = True
     language_pretraining_steps: int = 700
