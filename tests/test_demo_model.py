@@ -143,3 +143,34 @@ def test_the_text_table_splits_each_size_into_words_and_numbers():
                 f"{likely['vanilla_accuracy']:.0f}", f"{likely['circular_accuracy']:.0f}",
                 f"{open_format['samples']} + {choice['questions']}",
             ]
+
+
+def test_the_readme_quotes_the_shipped_models_large_split_scores():
+    """README copies the larger split's table from docs/demo_model_results.md; a retrained model must not leave
+    it quoting the previous one."""
+    _, results = training_script_and_shipped_results()
+    large = results["large_check"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    labels = {"shape": "| shape (", "count": "| count |", "position": "| position (", "colour": "| colour (",
+              "text_large": "| large text (", "text_small": "| small text |"}
+    for kind, label in labels.items():
+        (row,) = [line for line in readme.splitlines() if line.startswith(label)]
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        category = large["mmbench"]["per_category"][kind]
+        likely = large["mmbench_likelihood"]["per_category"][kind]
+        assert cells[1] == f"{large['textvqa_by_type'][kind]['accuracy']:.0f}"
+        assert cells[3:5] == [f"{category['vanilla_accuracy']:.0f}", f"{category['circular_accuracy']:.0f}"]
+        assert cells[6:] == [f"{category['vanilla_no_option_percent']:.0f}",
+                             f"{likely['vanilla_accuracy']:.0f} / {likely['circular_accuracy']:.0f}"]
+    (total,) = [line for line in readme.splitlines() if line.startswith("| all | ")]
+    cells = [cell.strip() for cell in total.strip("|").split("|")]
+    likely = large["mmbench_likelihood"]
+    assert cells[1] == f"{large['textvqa']['accuracy']:.1f}"
+    assert cells[3:5] == [f"{large['mmbench']['vanilla_accuracy']:.1f}", f"{large['mmbench']['circular_accuracy']:.1f}"]
+    assert cells[-1] == f"{likely['vanilla_accuracy']:.1f} / {likely['circular_accuracy']:.1f}"
+    for question_type, name in (("text_large", "large text"), ("text_small", "small text")):
+        for kind in ("words", "numbers"):
+            (row,) = [line for line in readme.splitlines() if line.startswith(f"| {name}: {kind} |")]
+            cells = [cell.strip() for cell in row.strip("|").split("|")]
+            assert cells[1] == f"{large['text_by_kind']['textvqa'][question_type][kind]['accuracy']:.0f}"
+            assert cells[2] == f"{large['text_by_kind']['mmbench'][question_type][kind]['vanilla_accuracy']:.0f}"

@@ -47,13 +47,13 @@ class Recipe:
     vocab_size: int = 640
     pretrain_epochs: float = 2.0
     # 700 stage-0 LLM steps and 4 stage-2 epochs of conversations of up to 6 questions and a listing turn
-    # (`finetune_items`): 28.6 and 30.4 minutes in two runs on 2 cores with bf16 hardware, 66 in float32 on
-    # an AVX2-only CPU (docs/training.md).
+    # (`finetune_items`): 28.6, 30.4 and 29.5 minutes in three runs on 2 cores with bf16 hardware, 66 in
+    # float32 on an AVX2-only CPU (docs/training.md).
     finetune_epochs: float = 4.0
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
     batch_size: int = 16
-    encoder_pretraining_steps: int = 1500
+    encoder_pretraining_steps: int = 1800
     # The encoder's stage-0 scenes carry a text in every corner (`EncoderPretraining.corner_texts`).
     encoder_corner_texts: bool = True
     language_pretraining_steps: int = 700
@@ -98,15 +98,14 @@ class Recipe:
     # loss fell behind float32's from step 200 and the LLM read colour 56% and numbers 7% (teacher-forced)
     # against 94% and 54% in float32.
     bf16: bool = field(default_factory=cpu_has_native_bf16)
-    # Whether `bf16` covers the stage-0 LLM. On the AVX512_BF16 EPYC, its bf16 run learnt every lookup
-    # but colour (58% teacher-forced against 94% in float32; the finished model 61% against 100%, with
-    # the other types level) in 12.6-13.3 minutes against 22.2, the difference between a recipe of about
-    # 30 minutes and one of 40 (docs/training.md).
+    # Whether `bf16` covers the stage-0 LLM: 12.6-14.0 minutes on the AVX512_BF16 EPYC against 22.2 in float32,
+    # the difference between a recipe of under 30 minutes and one of about 40 (docs/training.md).
     language_pretraining_bf16: bool = True
     # The stage-0 LLM's peak learning rate (`LanguagePretraining.learning_rate`). In bf16 (float32 kernel) on the
     # AVX512_BF16 EPYC, 1.5e-3 learnt every lookup (teacher-forced colour, words and numbers 100%, position 84%)
-    # where 2e-3 left colour at 58% and 3e-3 most lookups near chance; its loss was below 2e-3's from step 200
-    # on. The float32 runs used 2e-3; 1.5e-3 was not run in float32 (docs/training.md).
+    # where 2e-3 left colour at 58% (the LLM read a colour of the scene, not the named shape's) and 3e-3 most
+    # lookups near chance; its loss was below 2e-3's from step 100 on, and below float32's at 2e-3. The
+    # float32 runs used 2e-3; 1.5e-3 was not run in float32 (docs/training.md).
     language_pretraining_lr: float = 1.5e-3
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
 
