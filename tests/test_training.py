@@ -269,3 +269,13 @@ def test_bf16_mixed_precision_with_gradient_checkpointing_trains(workspace, tmp_
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     changed, _ = changed_parts(weights(workspace["init"]), weights(output))
     assert changed == {PROJECTOR, VISION_BRANCHES, VISION_INTERACTIONS, LANGUAGE_MODEL}
+
+
+def test_release_process_group_tears_down_a_live_group_and_is_a_no_op_without_one(tmp_path):
+    from piip_llava.training.trainer import release_process_group
+
+    release_process_group()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    release_process_group()
+    assert not torch.distributed.is_initialized()
