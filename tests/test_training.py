@@ -271,11 +271,15 @@ def test_bf16_mixed_precision_with_gradient_checkpointing_trains(workspace, tmp_
     assert changed == {PROJECTOR, VISION_BRANCHES, VISION_INTERACTIONS, LANGUAGE_MODEL}
 
 
-def test_release_process_group_tears_down_a_live_group_and_is_a_no_op_without_one(tmp_path):
-    from piip_llava.training.trainer import release_process_group
 
-    release_process_group()
+def test_the_train_command_tears_the_process_group_down_after_saving(workspace, tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    assert torch.distributed.is_initialized()
-    release_process_group()
-    assert not torch.distributed.is_initialized()
+    try:
+        cli_main(["train", "--stage", "pretrain", "--model", str(workspace["init"]), "--data",
+                  str(workspace["captions"]), "--image-folder", str(workspace["images"]), "--output-dir",
+                  str(tmp_path / "stage1"), "--max-steps", "1", "--use-cpu", "--per-device-batch-size", "2"])
+        assert (tmp_path / "stage1" / "model.safetensors").is_file()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -209,7 +209,7 @@ def build_training_arguments(args, options):
 
 
 def run_train(args) -> int:
-    from ..training.trainer import release_process_group, run_training
+    from ..training.trainer import run_training
 
     try:
         options = build_options(args)
@@ -218,7 +218,10 @@ def run_train(args) -> int:
         raise SystemExit(f"error: {error}") from None
     trainer = run_training(options, training_arguments, resume=args.resume)
     logger.info(f"Finished {options.stage} after {trainer.state.global_step} steps; model in {args.output_dir}.")
-    release_process_group()
+    # Tear the process group down now, on every process: left to interpreter exit, gloo's threads were
+    # sometimes still joinable when the C++ runtime shut down ("terminate called without an active
+    # exception"), and a 2-process CPU run aborted after saving its model (1 run in 4).
+    trainer.accelerator.end_training()
     return 0
 
 

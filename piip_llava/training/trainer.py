@@ -159,18 +159,6 @@ def refresh_deepspeed_config(args: PIIPLlavaTrainingArguments) -> None:
     args.hf_deepspeed_config.trainer_config_process(args)
 
 
-def release_process_group() -> None:
-    """Tear the distributed process group down once a stage is saved, on every process.
-
-    Left to interpreter exit, the gloo group's threads were sometimes still joinable when the C++
-    runtime shut down ("terminate called without an active exception"): the process aborted after
-    the model was saved, and the launcher reported the whole run as failed (1 of 4 two-process CPU
-    runs).
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def build_dataset(options: StageOptions, model_config, processor: PIIPLlavaProcessor) -> LlavaSupervisedDataset:
     dataset = LlavaSupervisedDataset(
         options.data_path,
