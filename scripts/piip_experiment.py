@@ -37,10 +37,11 @@ from pathlib import Path
 from piip_llava.flops import count_encoder_cost, load_vision_config
 from piip_llava.synthetic.pipeline import (
     Recipe,
+    configure_script_logging,
     evaluate,
     evaluate_on_larger_split,
     export_data,
-    pretrain_llm,
+    pretrain_stage_zero,
     pretrain_vision_encoder,
     train_two_stages,
 )
@@ -182,13 +183,15 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    configure_script_logging()
     args = parse_arguments(argv)
     recipe = Recipe.from_arguments(args)
     work_dir = args.work_dir.resolve()
     data_dir = export_data(work_dir / "data", recipe)
-    llm_dir = pretrain_llm(work_dir, data_dir, recipe)
     chosen = [variant for variant in VARIANTS if variant.name in args.variants]
+    # The first variant's encoder trains beside the shared LLM; the others' after it, one by one.
+    llm_dir, _ = pretrain_stage_zero(work_dir, data_dir, work_dir / chosen[0].name,
+                                     REPO / "configs" / chosen[0].vision_config, recipe)
     rows = []
     for variant in chosen:
         config_path = REPO / "configs" / variant.vision_config

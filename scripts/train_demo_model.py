@@ -38,11 +38,11 @@ from pathlib import Path
 from piip_llava.synthetic.pipeline import (
     TEXT_KINDS,
     Recipe,
+    configure_script_logging,
     evaluate,
     evaluate_on_larger_split,
     export_data,
-    pretrain_llm,
-    pretrain_vision_encoder,
+    pretrain_stage_zero,
     train_two_stages,
 )
 from piip_llava.synthetic.questions import QUESTION_TYPES
@@ -184,13 +184,12 @@ def install(model_dir: Path, results: dict, stats: dict, check: dict | None = No
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    configure_script_logging()
     args = parse_arguments(argv)
     recipe = Recipe.from_arguments(args)
     work_dir = args.work_dir.resolve()
     data_dir = export_data(work_dir / "data", recipe)
-    llm_dir = pretrain_llm(work_dir, data_dir, recipe)
-    encoder_dir = pretrain_vision_encoder(work_dir / "piip", DEMO_VISION_CONFIG, recipe)
+    llm_dir, encoder_dir = pretrain_stage_zero(work_dir, data_dir, work_dir / "piip", DEMO_VISION_CONFIG, recipe)
     model_dir = train_two_stages(work_dir / "piip", encoder_dir, data_dir, llm_dir, recipe)
     results = evaluate(work_dir / "piip" / "eval", data_dir, model_dir, recipe)
     logger.info("TextVQA-format accuracy per question type: " + json.dumps(results["textvqa_by_type"]))

@@ -3,6 +3,8 @@
 import argparse
 import json
 import random
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from piip_llava.synthetic import export_dataset
 from piip_llava.synthetic.export import item_rng
 from piip_llava.synthetic.pipeline import (
     Recipe,
+    SideBySideProcess,
     build_llm,
     pretrain_llm,
     stage2_records,
@@ -459,7 +462,7 @@ def settings_and_commands_of_the_pipeline(recipe: Recipe, tmp_path, monkeypatch)
     seen = {}
     monkeypatch.setattr(pretraining, "pretrain_encoder", lambda config, out, settings: seen.setdefault("encoder", settings))
     monkeypatch.setattr(pretraining, "pretrain_language_model",
-                        lambda random_dir, out, settings: seen.setdefault("llm", settings))
+                        lambda random_dir, out, settings, before_step: seen.setdefault("llm", settings))
     monkeypatch.setattr(pipeline, "build_llm", lambda llm_dir, data_dir, recipe: llm_dir)
     monkeypatch.setattr(pipeline, "run_cli", lambda *arguments, threads: seen.setdefault("commands", []).append(arguments))
     pipeline.pretrain_vision_encoder(tmp_path, Path(TINY_CONFIG), recipe)
@@ -605,3 +608,75 @@ def test_look_alike_conversations_blur_the_text_cell_and_ask_text_only_as_multip
         assert len(differing) == 1
         assert not torch.allclose(logits, plain_logits)
     assert blurred > 0
+
+
+def test_a_side_by_side_process_shares_the_threads_until_it_is_done_then_gives_them_back():
+    threads_before = torch.get_num_threads()
+    with SideBySideProcess(time.sleep, (2.0,), threads=2, name="sleeper") as beside:
+        assert torch.get_num_threads() == 1
+        beside()
+        assert beside.process.is_alive() and torch.get_num_threads() == 1
+        beside.process.join()
+        beside()
+        assert torch.get_num_threads() == threads_before
+    assert beside.process.exitcode == 0 and torch.get_num_threads() == threads_before
+
+
+def test_a_failed_side_by_side_process_stops_the_work_beside_it_with_its_exit_code():
+    threads_before = torch.get_num_threads()
+    failed = pytest.raises(RuntimeError, match=r"failer: the process failed \(exit code 3\)")
+    with failed, SideBySideProcess(sys.exit, (3,), threads=2, name="failer") as beside:
+        beside.process.join()
+        beside()
+    assert torch.get_num_threads() == threads_before
+
+
+def test_an_error_beside_a_side_by_side_process_stops_it():
+    threads_before = torch.get_num_threads()
+    with pytest.raises(KeyError, match="here"), SideBySideProcess(time.sleep, (60.0,), threads=2, name="sleeper") as beside:
+        raise KeyError("here")
+    assert not beside.process.is_alive() and beside.process.exitcode != 0
+    assert torch.get_num_threads() == threads_before
+    with pytest.raises(ValueError, match="at least 2 threads"):
+        SideBySideProcess(time.sleep, (1.0,), threads=1, name="alone")
+
+
+def test_stage_0_trains_the_encoder_in_a_child_process_beside_the_llm(small_export, tmp_path, monkeypatch):
+    from piip_llava.synthetic import pipeline, pretraining
+
+    recipe = Recipe(language_pretraining_steps=3, encoder_pretraining_steps=3, threads=2)
+
+    def not_in_this_process(*arguments):
+        raise AssertionError("the encoder trained in the LLM's process")
+
+    threads_per_step = []
+
+    def recording_loss(*arguments, **keywords):
+        threads_per_step.append(torch.get_num_threads())
+        return length_grouped_loss(*arguments, **keywords)
+
+    monkeypatch.setattr(pretraining, "pretrain_encoder", not_in_this_process)
+    monkeypatch.setattr(pretraining, "length_grouped_loss", recording_loss)
+    threads_before = torch.get_num_threads()
+    llm_dir, encoder_dir = pipeline.pretrain_stage_zero(tmp_path, small_export, tmp_path / "piip", Path(TINY_CONFIG),
+                                                        recipe)
+    # The child starts before the LLM is loaded, and importing torch takes it longer than that.
+    assert threads_per_step[0] == 1 and len(threads_per_step) == recipe.language_pretraining_steps
+    assert torch.get_num_threads() == threads_before
+    assert (llm_dir, encoder_dir) == (tmp_path / "llm", tmp_path / "piip" / "encoder")
+    encoder_metrics = json.loads((encoder_dir / METRICS_FILE).read_text())
+    assert encoder_metrics["settings"]["steps"] == recipe.encoder_pretraining_steps
+    assert json.loads((llm_dir / METRICS_FILE).read_text())["settings"]["steps"] == recipe.language_pretraining_steps
+
+
+def test_stage_0_trains_the_unfinished_half_alone_on_every_thread(tmp_path, monkeypatch):
+    from piip_llava.synthetic import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "pretrain_llm", lambda *arguments, **keywords: calls.append(("llm", keywords)))
+    monkeypatch.setattr(pipeline, "pretrain_vision_encoder", lambda *arguments: calls.append(("encoder", {})))
+    monkeypatch.setattr(pipeline, "SideBySideProcess", None)
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / METRICS_FILE).write_text("{}")
+    pipeline.pretrain_stage_zero(tmp_path, tmp_path, tmp_path / "piip", Path(TINY_CONFIG), Recipe(threads=2))
+    assert calls == [("llm", {}), ("encoder", {})]

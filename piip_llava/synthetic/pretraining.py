@@ -343,9 +343,11 @@ def loss_summary(losses: list[float]) -> dict[str, float]:
 
 
 def optimise(parameters: list[torch.Tensor], batches, batch_loss, learning_rate: float, weight_decay: float,
-             warmup_steps: int, description: str, bf16: bool = False, device: str = "cpu") -> list[float]:
+             warmup_steps: int, description: str, bf16: bool = False, device: str = "cpu",
+             before_step=None) -> list[float]:
     """AdamW with linear warmup, cosine decay and gradient clipping at 1, a step per batch of `batches` (a
-    `step_batches` loader); `batch_loss(batch)` gives each step's loss.
+    `step_batches` loader); `batch_loss(batch)` gives each step's loss, and `before_step()`, when given, runs
+    before each step.
 
     `bf16` runs the forward passes under bfloat16 autocast (the weights and optimizer stay float32), as
     `piip-llava train --bf16` does for stages 1 and 2.
@@ -355,6 +357,8 @@ def optimise(parameters: list[torch.Tensor], batches, batch_loss, learning_rate:
     losses = []
     progress = tqdm(batches, desc=description, unit="step")
     for batch in progress:
+        if before_step is not None:
+            before_step()
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = batch_loss(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -752,9 +756,9 @@ def language_model_to_pretrain(llm_dir: str | os.PathLike, settings: LanguagePre
 
 
 def pretrain_language_model(llm_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                            settings: LanguagePretraining | None = None) -> Path:
+                            settings: LanguagePretraining | None = None, before_step=None) -> Path:
     """Train the LLM in `llm_dir` on captions and conversations about fresh scenes read from cell tokens
-    (`CellAttributeEmbedding`); save the LLM and tokenizer to `out_dir`.
+    (`CellAttributeEmbedding`); save the LLM and tokenizer to `out_dir`. `before_step()` runs before each step.
 
     Skipped when `out_dir` already holds a finished result (its metrics file); the directory appears
     only once complete.
@@ -779,7 +783,7 @@ def pretrain_language_model(llm_dir: str | os.PathLike, out_dir: str | os.PathLi
     parameters = [*model.parameters(), *cell_embedding.parameters()]
     losses = optimise(parameters, batches, batch_loss, settings.learning_rate, 0.0,
                       math.ceil(0.03 * settings.steps), "language pretraining", bf16=settings.bf16,
-                      device=settings.device)
+                      device=settings.device, before_step=before_step)
     summary = loss_summary(losses)
     accuracy = answer_accuracy(model, cell_embedding, conversations, settings)
     logger.info(f"Language pretraining: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; answers "
