@@ -34,8 +34,9 @@ test: $(VENV)/installed
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check piip_llava tests scripts benchmarks eval
 
-# Retrain the bundled demo model from scratch and install it (2 cores: 28.6-30.4 minutes on an AMD EPYC with
-# AVX512_BF16, 29.5 for the shipped model; 66 on an AVX2-only one; docs/training.md).
+# Retrain the bundled demo model from scratch and install it (2 cores: 25.3 minutes for the shipped model on an
+# AMD EPYC with AVX512_BF16, stage 0's two halves side by side; 66 on an AVX2-only one, one after the other;
+# docs/training.md).
 demo-model: $(VENV)/installed
 	$(PY) scripts/train_demo_model.py --work-dir outputs/demo --install --large-check 600
 

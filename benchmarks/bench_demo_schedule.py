@@ -10,7 +10,8 @@ the same whatever the weights) and data:
 - the LLM's stage 0 with its decoder compiled by `torch.compile` (which needs a C++ compiler);
 - the encoder's and the LLM's stage 0 on 2 threads each, on 1 thread each, and on 1 thread each
   at the same time in two processes (they do not depend on each other), with the time the recipe's
-  stage 0 would take run one after the other or side by side.
+  stage 0 takes at these rates one after the other or side by side (as the recipe runs it,
+  `Recipe.stage_zero_side_by_side`: the LLM takes both threads once the encoder is done).
 
     python benchmarks/bench_demo_schedule.py [--seconds 45] [--stage2-steps 30] [--work-dir outputs/bench_schedule]
 
@@ -244,10 +245,10 @@ def main(argv=None) -> int:
         encoder_worker = alone("encoder", 2, data_workers=1)
         llm_two = alone("llm", 2)
         llm_compiled = alone("llm", 2, compile_model=True)
-        encoder_one, llm_one = alone("encoder", 1, data_workers=1), alone("llm", 1)
+        # Side by side, as the recipe runs it: each loop in its own process with its recipe's data loading.
+        encoder_one, llm_one = alone("encoder", 1), alone("llm", 1)
         encoder_shared, llm_shared = measure_roles(
-            [role_command("encoder", 1, seconds, llm_dir, data_workers=1), role_command("llm", 1, seconds, llm_dir)],
-            threads=1)
+            [role_command("encoder", 1, seconds, llm_dir), role_command("llm", 1, seconds, llm_dir)], threads=1)
         stage2_in_process = measure_stage2(work_dir, data_dir, llm_dir, args.stage2_steps, data_workers=0)
         stage2_worker = measure_stage2(work_dir, data_dir, llm_dir, args.stage2_steps, data_workers=1)
 
@@ -267,11 +268,11 @@ def main(argv=None) -> int:
               f"| stage 2, images loaded by 1 data loader worker | {args.stage2_steps} | {stage2_worker:.3f} |", ""]
 
     encoder_steps, llm_steps = recipe.encoder_pretraining_steps, recipe.language_pretraining_steps
-    one_after_other = (encoder_steps * encoder_worker["seconds_per_step"]
+    one_after_other = (encoder_steps * encoder_in_process["seconds_per_step"]
                        + llm_steps * llm_two["seconds_per_step"]) / 60
     side_by_side = side_by_side_minutes(
         (encoder_steps, llm_steps), (encoder_shared["seconds_per_step"], llm_shared["seconds_per_step"]),
-        (encoder_worker["seconds_per_step"], llm_two["seconds_per_step"]))
+        (encoder_in_process["seconds_per_step"], llm_two["seconds_per_step"]))
     stage2_steps = math.ceil(recipe.train_images * recipe.finetune_epochs / recipe.batch_size)
     encoder_saving = encoder_steps * (encoder_in_process["seconds_per_step"] - encoder_worker["seconds_per_step"]) / 60
     stage2_saving = stage2_steps * (stage2_in_process - stage2_worker) / 60

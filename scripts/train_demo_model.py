@@ -8,13 +8,14 @@ a small LLaMA-style LLM and a tokenizer trained on the dataset's texts. Stage 0 
 and the LLM the pretraining real backbones have (`piip_llava.synthetic.pretraining`); then
 `piip-llava train` runs stage 1 (projector only, `plain` captions) and stage 2 (`vicuna_v1`
 conversations, backbones fixed), and `piip-llava eval` scores held-out TextVQA-format and
-MMBench-format splits. On 2 cores the recipe took 29.5 minutes for the shipped model on an AMD EPYC
-with AVX512_BF16 (stage-0 LLM 14.0 and stages 1 and 2 1.5 and 6.1 in bf16, stage-0 encoder 6.7 in
-float32, evaluation 0.8), 28.6 and 30.4 in two earlier runs of the same work there, and 66 in float32
-on an AVX2-only one (stage-0 LLM 34.7, stage-0 encoder 12.4, stage 1 3.0, stage 2 14.6, evaluation
-1.3). bf16 is on where the CPU has it in hardware (`Recipe.bf16`); `--no-language-pretraining-bf16`
-keeps the stage-0 LLM in float32 (about 40 minutes there; docs/training.md). The log gives each
-step's time.
+MMBench-format splits. On 2 cores the recipe took 25.3 minutes for the shipped model on an AMD EPYC
+with AVX512_BF16 (stage 0 17.2: the encoder in float32 in a child process on one core beside the
+LLM in bf16 on the other, the LLM taking both once the encoder was done; stages 1 and 2 1.3 and 5.8
+in bf16; evaluation 0.8). With stage 0's halves one after the other (`--no-stage-zero-side-by-side`)
+it took 28.6-30.4 minutes there in three runs, and 66 in float32 on an AVX2-only CPU (stage-0 LLM
+34.7, stage-0 encoder 12.4, stage 1 3.0, stage 2 14.6, evaluation 1.3). bf16 is on where the CPU has
+it in hardware (`Recipe.bf16`); `--no-language-pretraining-bf16` keeps the stage-0 LLM in float32
+(docs/training.md). The log gives each step's time.
 Every step resumes or is skipped when run again.
 
     python scripts/train_demo_model.py --work-dir outputs/demo --install --large-check 600

@@ -49,8 +49,8 @@ class Recipe:
     vocab_size: int = 640
     pretrain_epochs: float = 2.0
     # 700 stage-0 LLM steps and 4 stage-2 epochs of conversations of up to 6 questions and a listing turn
-    # (`finetune_items`): 28.6, 30.4 and 29.5 minutes in three runs on 2 cores with bf16 hardware, 66 in
-    # float32 on an AVX2-only CPU (docs/training.md).
+    # (`finetune_items`): 25.3 minutes on 2 cores with bf16 hardware, stage 0's halves side by side (28.6-30.4
+    # in three runs one after the other), 66 in float32 on an AVX2-only CPU (docs/training.md).
     finetune_epochs: float = 4.0
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
@@ -100,8 +100,8 @@ class Recipe:
     # loss fell behind float32's from step 200 and the LLM read colour 56% and numbers 7% (teacher-forced)
     # against 94% and 54% in float32.
     bf16: bool = field(default_factory=cpu_has_native_bf16)
-    # Whether `bf16` covers the stage-0 LLM: 12.6-14.0 minutes on the AVX512_BF16 EPYC against 22.2 in float32,
-    # the difference between a recipe of under 30 minutes and one of about 40 (docs/training.md).
+    # Whether `bf16` covers the stage-0 LLM: 12.6-14.0 minutes alone on 2 cores of the AVX512_BF16 EPYC against
+    # 22.2 in float32 (docs/training.md).
     language_pretraining_bf16: bool = True
     # The stage-0 LLM's peak learning rate (`LanguagePretraining.learning_rate`). In bf16 (float32 kernel) on the
     # AVX512_BF16 EPYC, 1.5e-3 learnt every lookup (teacher-forced colour, words and numbers 100%, position 84%)
