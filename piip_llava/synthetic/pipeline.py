@@ -112,7 +112,7 @@ class Recipe:
     # Train the stage-0 encoder in a child process on half the threads while the stage-0 LLM trains on the rest,
     # the LLM taking every thread once the encoder is done (`pretrain_stage_zero`). Neither uses 2 cores fully:
     # on the AVX512_BF16 EPYC a step took 1.73x (LLM) and 1.51x (encoder) as long on 1 thread as on 2, and side
-    # by side each kept its 1-thread pace. The LLM's steps give the same bits on 1 thread and on 2.
+    # by side each kept its 1-thread pace. The LLM's steps gave the same bits on 1 thread and on 2 there.
     stage_zero_side_by_side: bool = True
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
 
