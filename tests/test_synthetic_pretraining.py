@@ -649,19 +649,29 @@ def test_stage_0_trains_the_encoder_in_a_child_process_beside_the_llm(small_expo
     def not_in_this_process(*arguments):
         raise AssertionError("the encoder trained in the LLM's process")
 
-    threads_per_step = []
+    threads_per_step, events = [], []
 
     def recording_loss(*arguments, **keywords):
         threads_per_step.append(torch.get_num_threads())
+        events.append("step")
         return length_grouped_loss(*arguments, **keywords)
+
+    check_child = pipeline.SideBySideProcess.__call__
+
+    def recording_check(beside):
+        events.append("check")
+        check_child(beside)
 
     monkeypatch.setattr(pretraining, "pretrain_encoder", not_in_this_process)
     monkeypatch.setattr(pretraining, "length_grouped_loss", recording_loss)
+    monkeypatch.setattr(pipeline.SideBySideProcess, "__call__", recording_check)
     threads_before = torch.get_num_threads()
     llm_dir, encoder_dir = pipeline.pretrain_stage_zero(tmp_path, small_export, tmp_path / "piip", Path(TINY_CONFIG),
                                                         recipe)
     # The child starts before the LLM is loaded, and importing torch takes it longer than that.
     assert threads_per_step[0] == 1 and len(threads_per_step) == recipe.language_pretraining_steps
+    # Whether the child is done is looked at before every LLM step, so the LLM takes the threads back at once.
+    assert events == ["check", "step"] * recipe.language_pretraining_steps
     assert torch.get_num_threads() == threads_before
     assert (llm_dir, encoder_dir) == (tmp_path / "llm", tmp_path / "piip" / "encoder")
     encoder_metrics = json.loads((encoder_dir / METRICS_FILE).read_text())
