@@ -396,11 +396,11 @@ def pretrain_stage_zero(work_dir: Path, data_dir: Path, run_dir: Path, vision_co
     `recipe.stage_zero_side_by_side` the encoder trains in a child process beside the LLM (`SideBySideProcess`,
     the LLM taking every thread once the encoder is done); one that is already finished is skipped, the other
     then trains alone on every thread."""
-    from .pretraining import METRICS_FILE
+    from .pretraining import is_pretrained
 
     llm_dir, encoder_dir = work_dir / "llm", run_dir / "encoder"
-    unfinished = not (llm_dir / METRICS_FILE).exists() and not (encoder_dir / METRICS_FILE).exists()
-    if recipe.stage_zero_side_by_side and recipe.threads >= 2 and unfinished:
+    if (recipe.stage_zero_side_by_side and recipe.threads >= 2 and not is_pretrained(llm_dir)
+            and not is_pretrained(encoder_dir)):
         with SideBySideProcess(pretrain_vision_encoder, (run_dir, vision_config, recipe), recipe.threads,
                                "stage-0 encoder") as encoder_beside:
             return pretrain_llm(work_dir, data_dir, recipe, before_step=encoder_beside), encoder_dir

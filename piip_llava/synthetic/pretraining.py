@@ -97,6 +97,12 @@ ENCODER_TRAIN_SPLIT = "encoder-pretraining"
 ENCODER_CHECK_SPLIT = "encoder-check"
 METRICS_FILE = "pretraining_metrics.json"
 
+
+def is_pretrained(out_dir: str | os.PathLike) -> bool:
+    """Whether a stage-0 run finished into `out_dir`: its metrics file is written last (`save_with_metrics`)."""
+    return (Path(out_dir) / METRICS_FILE).exists()
+
+
 # Every attribute the encoder learns, one classifier each, with its class names; class 0 is "nothing here".
 SCENE_ATTRIBUTES = {
     "shape_kind": (NONE, *SHAPE_KINDS),
@@ -401,7 +407,7 @@ def pretrain_encoder(vision_config_file: str | os.PathLike, out_dir: str | os.Pa
     """
     settings = settings or EncoderPretraining()
     out_dir = Path(out_dir)
-    if (out_dir / METRICS_FILE).exists():
+    if is_pretrained(out_dir):
         return out_dir
     torch.manual_seed(settings.seed)
     config = PIIPVisionConfig(**json.loads(Path(vision_config_file).read_text()))
@@ -767,7 +773,7 @@ def pretrain_language_model(llm_dir: str | os.PathLike, out_dir: str | os.PathLi
 
     settings = settings or LanguagePretraining()
     out_dir = Path(out_dir)
-    if (out_dir / METRICS_FILE).exists():
+    if is_pretrained(out_dir):
         return out_dir
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
