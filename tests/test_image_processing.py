@@ -86,6 +86,38 @@ def test_matches_llava_pipeline(width, height, pad_to_square):
     np.testing.assert_allclose(as_numpy(pixel_values[0]), llava_reference(image, 64, pad_to_square), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("width, height", [(640, 480), (480, 640), (1001, 333), (333, 1001), (337, 100), (100, 337)])
+def test_padded_images_shrink_exactly_as_llava_does(width, height, monkeypatch):
+    """Padding no longer builds the full-size square, and the pixels are still LLaVA's, to the bit."""
+    from piip_llava.models.piip import image_processing_piip
+
+    monkeypatch.setattr(image_processing_piip, "PADDED_BAND_PIXELS", 50_000)  # tall images in several bands
+    image = random_rgb(width, height, seed=width + height)
+    pixel_values = PIIPImageProcessor(size=96, pad_to_square=True)(image)["pixel_values"]
+    np.testing.assert_allclose(as_numpy(pixel_values[0]), llava_reference(image, 96, True), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("width, height", [(8000, 40), (40, 8000)])
+def test_a_long_thin_image_is_padded_without_a_full_size_canvas(width, height):
+    import tracemalloc
+
+    image = random_rgb(width, height)
+    processor = PIIPImageProcessor(size=336, pad_to_square=True)
+    tracemalloc.start()
+    pixel_values = processor(image)["pixel_values"]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert pixel_values.shape == (1, 3, 336, 336)
+    assert peak < 64 * 2**20  # the 8000x8000 RGB square alone would take 192 MB
+
+
+def test_an_absurdly_tall_image_stays_within_a_rounding_step_of_llava():
+    image = random_rgb(20, 5000, seed=3)
+    pixel_values = PIIPImageProcessor(size=64, pad_to_square=True, do_normalize=False)(image)["pixel_values"]
+    reference = llava_reference(image, 64, True) * IMAGENET_STD[:, None, None] + IMAGENET_MEAN[:, None, None]
+    assert np.abs(as_numpy(pixel_values[0]) * 255 - reference * 255).max() <= 1.01
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
 @pytest.mark.parametrize("pad_to_square", [False, True])
 def test_other_modes_convert_like_llava(mode, pad_to_square):

@@ -39,6 +39,11 @@ if is_torch_available():
 logger = logging.get_logger(__name__)
 
 DEFAULT_IMAGE_SIZE = 336
+# Pixels of one band of the padded square that `shrink_padded_to_square` builds for a tall image (48 MB in RGB).
+PADDED_BAND_PIXELS = 16 * 2**20
+# Tall images up to this height/width ratio, or this height, are shrunk exactly as the full-size padded square would be.
+EXACT_TALL_RATIO = 4
+EXACT_TALL_SIDE = 4096
 
 
 class PIIPImageProcessorKwargs(ImagesKwargs, total=False):
@@ -80,6 +85,48 @@ def expand_to_square(image: np.ndarray, fill_colour: tuple) -> np.ndarray:
     top, left = (side - height) // 2, (side - width) // 2
     canvas[:, top : top + height, left : left + width] = image
     return canvas
+
+
+def shrink_padded_to_square(image: np.ndarray, side: int, fill_colour: tuple, resample) -> np.ndarray:
+    """`expand_to_square` then a PIL resize to `side` x `side`, without building the full-size square.
+
+    For a (3, H, W) uint8 image. PIL resizes in two passes, horizontal then vertical, rounding to 8
+    bits in between, and the padding rows of the square come out of the horizontal pass as the fill
+    colour itself. So a wide image is resized horizontally alone, padded to W rows of `side` pixels,
+    and resized vertically: pixel for pixel the full-size result, in memory of the order of
+    `side` x W (a 20000x100 image would otherwise need a 20000x20000 canvas).
+
+    A tall image is padded and resized horizontally a band of rows at a time: exact, and as slow as the
+    full-size path, since every padded row is resampled. An absurdly tall one (more than
+    `EXACT_TALL_RATIO` times taller than wide and `EXACT_TALL_SIDE` pixels high) is instead transposed,
+    shrunk as a wide image and transposed back: the two passes then run in the other order, so pixels
+    may differ from the full-size path by a rounding step.
+    """
+    channels, height, width = image.shape
+    if height > width * EXACT_TALL_RATIO and height > EXACT_TALL_SIDE:
+        transposed = np.ascontiguousarray(np.swapaxes(image, 1, 2))
+        return np.swapaxes(shrink_padded_to_square(transposed, side, fill_colour, resample), 1, 2)
+    long_side = max(height, width)
+    if width >= height:
+        pixels = PIL.Image.fromarray(np.ascontiguousarray(np.moveaxis(image, 0, -1)))
+        narrow = np.asarray(pixels.resize((side, height), resample=resample))  # (H, side, 3)
+        rows = np.empty((long_side, side, channels), dtype=np.uint8)  # (W, side, 3): the square's rows, narrowed
+        rows[:] = np.asarray(fill_colour, dtype=np.uint8)
+        top = (long_side - height) // 2
+        rows[top : top + height] = narrow
+    else:
+        left = (long_side - width) // 2
+        band_height = max(1, PADDED_BAND_PIXELS // long_side)
+        rows = np.empty((height, side, channels), dtype=np.uint8)
+        for start in range(0, height, band_height):
+            band = image[:, start : start + band_height]
+            padded = np.empty((band.shape[1], long_side, channels), dtype=np.uint8)  # (band rows, H, 3)
+            padded[:] = np.asarray(fill_colour, dtype=np.uint8)
+            padded[:, left : left + width] = np.moveaxis(band, 0, -1)
+            resized = PIL.Image.fromarray(padded).resize((side, band.shape[1]), resample=resample)
+            rows[start : start + band.shape[1]] = np.asarray(resized)
+    square = PIL.Image.fromarray(rows).resize((side, side), resample=resample)
+    return np.moveaxis(np.asarray(square), -1, 0)
 
 
 def _array_channel_axis(array: np.ndarray, input_data_format: str | ChannelDimension | None) -> int | None:
@@ -264,11 +311,23 @@ class PIIPImageProcessor(PilBackend):
         """Pad to a square when asked, then the standard resize / crop / rescale / normalise steps."""
         if pad_to_square:
             # Pixels are in 0..255 unless the caller gave [0, 1] floats and turned rescaling off.
-            images = [
-                expand_to_square(image, mean_padding_colour(image_mean, pixel_scale_is_255=bool(do_rescale)))
-                for image in images
-            ]
+            fill_colour = mean_padding_colour(image_mean, pixel_scale_is_255=bool(do_rescale))
+            images = [self._pad_to_square(image, fill_colour, kwargs) for image in images]
         return super()._preprocess(images, image_mean=image_mean, do_rescale=do_rescale, **kwargs)
+
+    @staticmethod
+    def _pad_to_square(image: np.ndarray, fill_colour: tuple, options: dict) -> np.ndarray:
+        """The image padded to a square; already shrunk to the output size when that is what resizing does next."""
+        size, resample = options.get("size"), options.get("resample")
+        side = getattr(size, "shortest_edge", None)
+        shrinks_8bit_rgb = (
+            options.get("do_resize") and side and getattr(size, "longest_edge", None) is None
+            and isinstance(resample, int) and image.dtype == np.uint8 and image.shape[0] == len(fill_colour) == 3
+            and max(image.shape[1:]) > side and image.shape[1] != image.shape[2]
+        )
+        if shrinks_8bit_rgb:
+            return shrink_padded_to_square(image, side, fill_colour, resample)
+        return expand_to_square(image, fill_colour)
 
 
 __all__ = ["PIIPImageProcessor", "PIIPImageProcessorKwargs"]
