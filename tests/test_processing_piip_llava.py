@@ -9,11 +9,10 @@ import jinja2
 import pytest
 import torch
 from conftest import build_tiny_llava
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from piip_llava import PIIPLlavaForConditionalGeneration, PIIPLlavaProcessor
-from piip_llava.commands.chat import ChatSession, load_image
+from piip_llava.commands.chat import ChatSession
 from piip_llava.conversation import PLAIN, VICUNA_V1, jinja_chat_template
 
 IMAGE_MESSAGES = [
@@ -85,17 +84,6 @@ def test_grayscale_rgba_and_palette_images_are_converted(tiny_model_dir, rgb_ima
         assert pixel_values.shape == reference.shape
         expected = processor.image_processor(images=[converted.convert("RGB")], return_tensors="pt")["pixel_values"]
         torch.testing.assert_close(pixel_values, expected)
-
-
-def test_corrupt_image_file_gives_a_clear_error(tmp_path):
-    broken = tmp_path / "broken.png"
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (1, 2, 3)).save(buffer, format="PNG")
-    broken.write_bytes(buffer.getvalue()[:40])
-    with pytest.raises(SystemExit, match="cannot read image .*broken.png"):
-        load_image(str(broken))
-    with pytest.raises(SystemExit, match="does not exist"):
-        load_image(str(tmp_path / "missing.png"))
 
 
 def test_save_load_round_trip_with_processor_and_pipeline(tiny_model_dir, rgb_image):
