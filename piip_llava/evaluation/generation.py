@@ -19,12 +19,11 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..images import read_image
+from ..model_loading import load_model_and_processor  # noqa: F401  (the evaluation API exposes it from here)
 from .answer_request import ANSWERING_METHODS, AnswerRequest
 from .answers_file import append_answers, count_keys, repair_answers_file
 
 logger = logging.get_logger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -42,32 +41,6 @@ class GenerationSummary:
         if self.skipped:
             text += "; first skipped: " + "; ".join(f"{key}: {reason}" for key, reason in self.skipped[:5])
         return text
-
-
-def default_device() -> str:
-    """The GPU of this process (LOCAL_RANK under torchrun/accelerate), else the CPU."""
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
-
-
-def load_model_and_processor(model_dir: str, device: str | None = None, dtype: str = "auto"):
-    """Load any image-text-to-text checkpoint and its processor, ready for batched greedy decoding."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import piip_llava  # noqa: F401  (registers the PIIP-LLaVA classes with the Auto* factories)
-
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
-    processor = AutoProcessor.from_pretrained(model_dir)
-    if getattr(processor, "tokenizer", None) is None:
-        raise ValueError(f"The processor in {model_dir} has no tokenizer; evaluation needs one to decode answers.")
-    # Left padding keeps every prompt's last token at the end of the row, where generation continues.
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto" if dtype == "auto" else DTYPES[dtype])
-    model.to(device or default_device())
-    model.eval()
-    return model, processor
 
 
 def user_turn(question: str) -> dict:
