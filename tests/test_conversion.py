@@ -397,4 +397,59 @@ def test_cli_parses_overrides_and_converts(case_b, tmp_path, capsys):
     check_converted(tmp_path / "out", config, reference)
     args = parser.parse_args(["convert", "--src", str(tmp_path / "nowhere"), "--dst", str(tmp_path / "bad")])
     assert args.handler(args) == 1
-    assert "has no config.json" in capsys.readouterr().out
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def folder_contents(directory) -> dict:
+    """{relative path: bytes} of every file under `directory`."""
+    return {
+        os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()
+        for root, _, names in os.walk(directory) for name in names
+    }
+
+
+def convert_cli(*arguments) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["convert", *map(str, arguments), "--branch-override", "2:num_attention_heads=2"])
+    return args.handler(args)
+
+
+def test_convert_never_writes_into_or_around_its_source(case_b, tmp_path, capsys):
+    source = tmp_path / "released"
+    shutil.copytree(case_b[0], source)
+    before = folder_contents(source)
+    for destination in (source, source / "converted", tmp_path):
+        assert convert_cli("--src", source, "--dst", destination) == 1
+        assert "Choose a directory outside the source" in capsys.readouterr().err
+    assert folder_contents(source) == before
+    assert sorted(os.listdir(tmp_path)) == ["released"]
+
+
+def test_convert_replaces_a_non_empty_destination_only_when_asked(case_b, tmp_path, capsys):
+    src, config, reference, _ = case_b
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "model.safetensors").write_bytes(b"stale weights of another model")
+    (destination / "notes.txt").write_text("mine")
+    before = folder_contents(destination)
+    assert convert_cli("--src", src, "--dst", destination) == 1
+    assert "is not empty; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert folder_contents(destination) == before
+    # A conversion that fails half-way leaves the destination as it was, and no staging folder behind.
+    with pytest.raises(ConversionError):
+        convert_released_checkpoint(src, destination, overwrite=True, branch_overrides={2: {"num_hidden_layers": 5}})
+    assert folder_contents(destination) == before and sorted(os.listdir(tmp_path)) == ["out"]
+    assert convert_cli("--src", src, "--dst", destination, "--overwrite") == 0
+    assert "notes.txt" not in os.listdir(destination)
+    check_converted(destination, config, reference)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_convert_shows_its_progress_over_the_checkpoint_tensors(case_b, tmp_path, capsys):
+    src = case_b[0]
+    assert convert_cli("--src", src, "--dst", tmp_path / "out") == 0
+    tensor_count = len(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
+    assert re.search(rf"Converting: 100%.*{tensor_count}/{tensor_count}", capsys.readouterr().err)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def parse_branch_override(text: str) -> tuple[int, str, object]:
@@ -33,7 +34,14 @@ def add_parser(subparsers) -> None:
         ),
     )
     parser.add_argument("--src", required=True, help="the released checkpoint directory")
-    parser.add_argument("--dst", required=True, help="the output directory")
+    parser.add_argument(
+        "--dst", required=True,
+        help="the output directory: new or empty (see --overwrite), and neither the source nor inside or around it",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the contents of a non-empty --dst (its current files are deleted once the conversion succeeds)",
+    )
     parser.add_argument(
         "--vision-config",
         help="the Python vision config file, when it is not where config.json's mm_vision_tower says",
@@ -77,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             pad_to_square=not args.no_pad_to_square,
+            overwrite=args.overwrite,
         )
     except (ConversionError, FileNotFoundError, ValueError) as error:
-        print(f"piip-llava convert: {error}")
+        print(f"piip-llava convert: {error}", file=sys.stderr)
         return 1
     print(
         f"Converted {args.src} -> {args.dst}: {report.renamed} tensors renamed, "

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.utils import logging
 
@@ -78,6 +82,50 @@ class ConversionReport:
 def _read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def check_destination(src: str, dst: str, overwrite: bool) -> None:
+    """Refuse a destination that would destroy or mix with data: the source itself, a folder inside it or
+    around it, a file, or (without `overwrite`) a directory that already holds something."""
+    source, destination = Path(src).resolve(), Path(dst).resolve()
+    if destination == source or source in destination.parents:
+        raise ConversionError(
+            f"the destination {dst} is the source checkpoint {src} or inside it; converting there would overwrite "
+            "the checkpoint being read. Choose a directory outside the source."
+        )
+    if destination in source.parents:
+        raise ConversionError(
+            f"the destination {dst} contains the source checkpoint {src}; replacing it would delete the source. "
+            "Choose a directory outside the source."
+        )
+    if destination.exists() and not destination.is_dir():
+        raise ConversionError(f"the destination {dst} exists and is not a directory.")
+    if destination.is_dir() and any(destination.iterdir()) and not overwrite:
+        raise ConversionError(
+            f"the destination {dst} is not empty; pass overwrite=True (--overwrite) to replace its contents, or "
+            "choose a new or empty directory."
+        )
+
+
+def staging_directory(dst: str) -> Path:
+    """A new directory beside `dst` to write the conversion into (created with the usual permissions)."""
+    destination = Path(dst).resolve()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.converting-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def move_into_place(staging: Path, dst: str) -> None:
+    """Replace `dst` (absent, empty, or being overwritten) by the finished `staging` directory."""
+    destination = Path(dst).resolve()
+    if not destination.exists():
+        os.replace(staging, destination)
+        return
+    replaced = destination.parent / f".{destination.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.replace(destination, replaced)
+    os.replace(staging, destination)
+    shutil.rmtree(replaced)
 
 
 def resolve_vision_config_file(checkpoint_dir: str, llava_config: dict, override: str | None = None) -> str:
@@ -140,6 +188,7 @@ def convert_released_checkpoint(
     dtype: str | None = None,
     max_shard_size: int | str = "5GB",
     pad_to_square: bool = True,
+    overwrite: bool = False,
 ) -> ConversionReport:
     """Convert the released checkpoint in `src` into our format in `dst`; returns the report (also saved).
 
@@ -153,8 +202,13 @@ def convert_released_checkpoint(
         max_shard_size: largest output shard, bytes or a string like "5GB".
         pad_to_square: the processor pads images to a square with the mean colour (LLaVA's
             `image_aspect_ratio="pad"`, how the released models were evaluated).
+        overwrite: replace the contents of a non-empty `dst` (otherwise refused).
+
+    The output is written into a new directory beside `dst` and moved into place when complete, so a
+    failed conversion leaves `dst` as it was. `dst` may be neither `src` nor inside or around it.
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    check_destination(src, dst, overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     config_path = os.path.join(src, "config.json")
@@ -220,18 +274,23 @@ def convert_released_checkpoint(
             f"allow_missing=True (--allow-missing) to leave them at their initial values."
         )
 
-    os.makedirs(dst, exist_ok=True)
-    report.dtype = _write_weights(
-        dst, weight_files, mapping, filled, expected, config, dtype, parse_size(max_shard_size)
-    )
-    report.renamed = len(mapping)
-    config.dtype = report.dtype
-    config.architectures = ["PIIPLlavaForConditionalGeneration"]
-    config.save_pretrained(dst)
-    _generation_config(src, config, image_token_index).save_pretrained(dst)
-    _processor(config, tokenizer, pad_to_square).save_pretrained(dst)
-    report.files = sorted(os.listdir(dst)) + ["conversion_report.json"]
-    report.save(dst)
+    staging = staging_directory(dst)
+    try:
+        report.dtype = _write_weights(
+            staging, weight_files, mapping, filled, expected, config, dtype, parse_size(max_shard_size), len(shapes)
+        )
+        report.renamed = len(mapping)
+        config.dtype = report.dtype
+        config.architectures = ["PIIPLlavaForConditionalGeneration"]
+        config.save_pretrained(staging)
+        _generation_config(src, config, image_token_index).save_pretrained(staging)
+        _processor(config, tokenizer, pad_to_square).save_pretrained(staging)
+        report.files = sorted(os.listdir(staging)) + ["conversion_report.json"]
+        report.save(staging)
+        move_into_place(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     logger.info(
         f"Converted {src} -> {dst}: {report.renamed} tensors, {len(report.dropped_expected_unused)} expected-unused "
         f"dropped, <image> = {image_token_index}."
@@ -259,13 +318,14 @@ def _check_shapes(mapping: dict, shapes: dict, expected: dict, config: PIIPLlava
         )
 
 
-def _write_weights(dst, weight_files, mapping, filled, expected, config, dtype, max_shard_bytes) -> str:
+def _write_weights(dst, weight_files, mapping, filled, expected, config, dtype, max_shard_bytes, tensor_count) -> str:
     """Stream the renamed tensors into shards; returns the dtype name the model is stored in."""
-    writer = ShardWriter(dst, max_shard_bytes)
+    writer = ShardWriter(os.fspath(dst), max_shard_bytes)
     vocab_size = config.text_config.vocab_size
     cast = DTYPES.get(dtype) if dtype else None
     seen_dtypes = {}
-    for official, tensor in iter_tensors(weight_files):
+    tensors = tqdm(iter_tensors(weight_files), total=tensor_count, desc="Converting", unit="tensor")
+    for official, tensor in tensors:
         ours = mapping.get(official)
         if ours is None or ours not in expected:
             continue
@@ -311,4 +371,4 @@ def _processor(config: PIIPLlavaConfig, tokenizer, pad_to_square: bool):
     )
 
 
-__all__ = ["ConversionError", "ConversionReport", "convert_released_checkpoint", "expected_parameters"]
+__all__ = ["ConversionError", "ConversionReport", "check_destination", "convert_released_checkpoint", "expected_parameters"]
