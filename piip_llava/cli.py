@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 SUBCOMMAND_MODULES = [
@@ -39,7 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except BrokenPipeError:
+        return stop_writing_to_closed_pipe()
+
+
+def stop_writing_to_closed_pipe() -> int:
+    """The reader of our output went away (`piip-llava flops ... | head`): end quietly, as Unix tools do.
+
+    Standard output is pointed at /dev/null so that Python's final flush does not fail a second time;
+    the exit status is 141 (128 + SIGPIPE), what a shell reports for a program a closed pipe stopped.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

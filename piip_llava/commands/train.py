@@ -105,7 +105,9 @@ def add_init_parser(commands) -> None:
     source.add_argument("--vision-model", help="saved PIIPVisionModel directory")
     source.add_argument("--vision-config", help="PIIPVisionConfig JSON (randomly initialised encoder)")
     parser.add_argument("--out", required=True, help="output model directory")
-    parser.add_argument("--projector-norm", default="group_norm", choices=("group_norm", "layer_norm"))
+    parser.add_argument("--projector-norm", default="group_norm", choices=("group_norm", "layer_norm"),
+                        help="norm between the two linear layers of each branch's projector: group_norm (the released "
+                        "checkpoints; --projector-groups groups) or layer_norm")
     parser.add_argument("--projector-groups", type=int, default=32, help="GroupNorm groups of the projector")
     parser.add_argument(
         "--projector-grid", type=int, help="resize every branch map to this grid (default: the last branch's grid)"
