@@ -33,6 +33,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from piip_llava.file_writing import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_VISION_CONFIG = REPO / "configs" / "demo_piip_vision.json"
 WARMUP_STEPS = 2
@@ -288,10 +290,7 @@ def main(argv=None) -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = args.out.with_suffix(args.out.suffix + ".tmp")
-        temporary.write_text(report)
-        os.replace(temporary, args.out)
+        atomic_write_text(args.out, report)
     return 0
 
 

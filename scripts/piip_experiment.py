@@ -29,11 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from piip_llava.file_writing import atomic_write_text
 from piip_llava.flops import count_encoder_cost, load_vision_config
 from piip_llava.synthetic.pipeline import (
     Recipe,
@@ -176,12 +176,6 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def main(argv=None) -> int:
     configure_script_logging()
     args = parse_arguments(argv)
@@ -208,8 +202,8 @@ def main(argv=None) -> int:
         logger.info(f"{variant.name}: " + json.dumps(rows[-1]))
         chance = json.loads((data_dir / "stats.json").read_text())["chance_accuracy"]["textvqa"]
         DOCS.mkdir(exist_ok=True)
-        write_atomically(DOCS / "piip_experiment.json", json.dumps({"recipe": vars(recipe), "rows": rows}, indent=2))
-        write_atomically(DOCS / "piip_experiment_table.md", results_document(rows, chance))
+        atomic_write_text(DOCS / "piip_experiment.json", json.dumps({"recipe": vars(recipe), "rows": rows}, indent=2))
+        atomic_write_text(DOCS / "piip_experiment_table.md", results_document(rows, chance))
         plot(rows, DOCS / "piip_experiment.png")
     return 0
 

@@ -19,17 +19,16 @@ import io
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 from transformers.utils import logging
 
+from ..file_writing import atomic_output
 from .answer_request import LIKELIHOOD_TARGETS, AnswerRequest
 
 logger = logging.get_logger(__name__)
@@ -481,14 +480,5 @@ def submission_frame(table: MMBenchTable, records: Iterable[dict], items: Sequen
 
 def write_submission(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write the xlsx through a temporary file so an interrupted write never leaves a broken upload."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".xlsx", dir=path.parent)
-    os.close(descriptor)
-    try:
+    with atomic_output(path, suffix=".xlsx") as temporary:
         frame.to_excel(temporary, index=False, engine="openpyxl")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise

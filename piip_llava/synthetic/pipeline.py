@@ -22,6 +22,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..file_writing import atomic_write_text
 from ..training.precision import cpu_has_native_bf16
 
 logger = logging.get_logger(__name__)
@@ -159,9 +160,7 @@ def export_data(data_dir: Path, recipe: Recipe) -> Path:
 
 def write_records(path: Path, records: list[dict]) -> Path:
     """Write stage-2 records through a temporary sibling, so a records file that exists is always complete."""
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(records), encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(records))
     return path
 
 
@@ -493,9 +492,7 @@ def evaluate(eval_dir: Path, data_dir: Path, model_dir: Path, recipe: Recipe, by
         "text_by_kind": text_scores_by_kind(eval_dir, splits, by_likelihood),
         "chance": stats.get("chance_accuracy"),
     }
-    temporary = results_file.with_suffix(".tmp")
-    temporary.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(temporary, results_file)
+    atomic_write_text(results_file, json.dumps(results, indent=2) + "\n")
     return results
 
 
