@@ -123,3 +123,11 @@ def test_an_interactive_session_that_fills_its_context_offers_to_start_over(
         assert status == 0 and prompts[-1] == "USER: "
     else:
         assert status == 1 and "Conversation ended: the model's context is full." in output
+
+
+def test_a_missing_or_broken_image_is_named(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for name, problem in (("missing.png", "does not exist"), ("broken.png", "cannot decode image")):
+        status = run_chat(["--model", str(tiny_model_dir), "--image", str(tmp_path / name), "--prompt", "Hi"])
+        assert status == 1
+        assert problem in capsys.readouterr().err
