@@ -6,6 +6,7 @@ It checks what transformers would otherwise report as a traceback, or not at all
   for a hub repository id and fails with "Repo id must use alphanumeric chars");
 - a device that this machine does not have (`cuda:0` without CUDA, a GPU index past the last one);
 - a weight file that cannot be read (truncated or corrupt safetensors);
+- a folder without processor files, or with unreadable JSON;
 - weights that do not match the config (e.g. a layer count edited in `config.json`): transformers
   loads such a model with the missing parameters at random values, and it answers anyway.
 
@@ -102,7 +103,10 @@ def load_model_and_processor(model_dir: str | os.PathLike, device: str | None = 
         raise ModelLoadingError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
     path = check_model_dir(model_dir)
     target = check_device(device or default_device())
-    processor = AutoProcessor.from_pretrained(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as error:  # no processor files, or unreadable JSON in the folder
+        raise ModelLoadingError(f"cannot load the processor (tokenizer and image settings) from {path}: {error}") from error
     if getattr(processor, "tokenizer", None) is None:
         raise ModelLoadingError(f"The processor in {path} has no tokenizer; decoding answers needs one.")
     # Left padding keeps every prompt's last token at the end of the row, where generation continues.
@@ -114,6 +118,13 @@ def load_model_and_processor(model_dir: str | os.PathLike, device: str | None = 
     except (SafetensorError, OSError) as error:
         raise ModelLoadingError(
             f"cannot read the weights in {path}: {error}. A weight file is truncated or corrupt; copy or convert it again."
+        ) from error
+    except RuntimeError as error:
+        if "mismatch" not in str(error):
+            raise
+        raise ModelLoadingError(
+            f"the weights in {path} do not match its config.json: some have other shapes than the config gives "
+            "(transformers' report above lists them). Check that config.json (e.g. its sizes) belongs to these weights."
         ) from error
     check_loading_info(path, info)
     model.to(target)

@@ -80,6 +80,22 @@ def test_a_config_that_does_not_match_its_weights_is_refused(layers, problem, mo
     assert "random parameters" in capsys.readouterr().err
 
 
+def test_weights_of_other_shapes_than_the_config_gives_are_refused(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 96
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadingError, match="do not match its config.json: some have other shapes"):
+        load_model_and_processor(model_copy, device="cpu")
+
+
+def test_a_folder_without_processor_files_says_so(model_copy):
+    for path in model_copy.iterdir():
+        if path.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            path.unlink()
+    with pytest.raises(ModelLoadingError, match="cannot load the processor"):
+        load_model_and_processor(model_copy, device="cpu")
+
+
 def test_a_sound_model_loads_on_the_asked_device_and_dtype(tiny_model_dir):
     import torch
 
