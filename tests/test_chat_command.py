@@ -55,9 +55,13 @@ def run_chat(arguments: list[str]) -> int:
     return outcome["status"]
 
 
-def test_a_failing_generation_ends_with_one_message_and_status_1(tiny_model_dir, tmp_path, image_file, capsys):
-    # The processor puts token 5 nowhere, so the model finds no image token: generate() raises in its thread.
-    model = edited_model(tiny_model_dir, tmp_path, image_token_index=5)
+@pytest.mark.parametrize("wrong_setting", [{"image_token_index": 5}, {"projector_output_grid_size": 4}])
+def test_a_failing_generation_ends_with_one_message_and_status_1(
+    wrong_setting, tiny_model_dir, tmp_path, image_file, capsys
+):
+    # The model then finds no image token (the processor never writes token 5), or 16 image features for the
+    # processor's 64 image tokens: generate() raises in its thread.
+    model = edited_model(tiny_model_dir, tmp_path, **wrong_setting)
     status = run_chat(["--model", model, "--image", str(image_file), "--prompt", "What colour?", "--max-new-tokens", "4"])
     assert status == 1
     error = capsys.readouterr().err
