@@ -226,6 +226,9 @@ def test_cli_reports_missing_options_and_a_wrong_global_batch(tmp_path):
     with pytest.raises(SystemExit, match="not a multiple"):
         cli_main(["train", "--stage", "pretrain", "--model", "m", "--data", "d", "--output-dir", str(tmp_path),
                   "--per-device-batch-size", "3", "--global-batch-size", "8"])
+    with pytest.raises(SystemExit, match=r"--warmup-ratio must be in \[0, 1\), got 3.0"):
+        cli_main(["train", "--stage", "pretrain", "--model", "m", "--data", "d", "--output-dir", str(tmp_path),
+                  "--warmup-ratio", "3"])
 
 
 def test_init_cli_assembles_a_model_that_keeps_the_llm_weights(workspace, tmp_path):

@@ -29,9 +29,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", required=True, help="Folder with the model and its processor.")
     parser.add_argument("--answers-file", required=True, help="JSONL answers (resumed if it exists).")
     parser.add_argument("--model-id", default=None, help="model_id written in answers (default: folder name).")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="Questions answered together (default: 8); lower it if memory runs out.")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="Longest answer in tokens (default: 128); part of what the answers file records.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="Weights dtype (default: auto, the dtype the checkpoint was saved in).")
     parser.add_argument("--device", default=None, help="Default: cuda:LOCAL_RANK if a GPU is visible, else cpu.")
     parser.add_argument("--num-shards", "--num-chunks", type=int, default=None,
                         help="Split the questions over this many processes (default: WORLD_SIZE or 1).")
@@ -57,7 +60,8 @@ def add_mmbench_sources(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", default="auto", choices=["auto", "rotate", "rows"],
                         help="rotate: ask every rotation of each row; rows: the TSV already holds the rotated "
                         "copies (index + k*1e6); auto: rows if such indices exist, else rotate.")
-    parser.add_argument("--lang", default="en", choices=["en", "cn"])
+    parser.add_argument("--lang", default="en", choices=["en", "cn"],
+                        help="Language of the answer instruction: en for MMBench, cn for MMBench-CN (default: en).")
     parser.add_argument("--submission-file", default=None,
                         help="xlsx for the MMBench server (default for a split without answers: answers file "
                         "with .xlsx suffix).")
@@ -99,14 +103,14 @@ def add_parser(subparsers) -> None:
     score_parser = subparsers.add_parser("score", help="Score an existing answers file.")
     score_commands = score_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     textvqa = score_commands.add_parser("textvqa", help="LLaVA's eval_textvqa.py protocol.")
-    textvqa.add_argument("--annotation-file", required=True)
-    textvqa.add_argument("--result-file", required=True)
-    textvqa.add_argument("--metrics-file", default=None)
+    textvqa.add_argument("--annotation-file", required=True, help="TextVQA_0.5.1_val.json (the human answers).")
+    textvqa.add_argument("--result-file", required=True, help="JSONL answers to score (ours or LLaVA's).")
+    textvqa.add_argument("--metrics-file", default=None, help="Write the scores as JSON here.")
     textvqa.set_defaults(handler=reporting_usage_errors(run_score_textvqa))
     mmbench = score_commands.add_parser("mmbench", help="Circular and vanilla accuracy, or a submission file.")
     add_mmbench_sources(mmbench)
-    mmbench.add_argument("--result-file", required=True)
-    mmbench.add_argument("--metrics-file", default=None)
+    mmbench.add_argument("--result-file", required=True, help="JSONL answers to score (ours or LLaVA's).")
+    mmbench.add_argument("--metrics-file", default=None, help="Write the scores as JSON here.")
     mmbench.set_defaults(handler=reporting_usage_errors(run_score_mmbench))
 
 
