@@ -231,6 +231,17 @@ def test_cli_reports_missing_options_and_a_wrong_global_batch(tmp_path):
                   "--warmup-ratio", "3"])
 
 
+@pytest.mark.parametrize(("content", "message"), [("[]", "holds no training records"), ("", "is empty"),
+                                                  ('[{"id": "a", "conv', "is not valid JSON \\(.* line 1, column 14\\)")])
+def test_train_cli_refuses_a_data_file_without_records_and_writes_no_model(workspace, tmp_path, content, message):
+    data = tmp_path / "records.json"
+    data.write_text(content)
+    with pytest.raises(SystemExit, match=f"error: Training data file {data} {message}"):
+        cli_main(["train", "--stage", "pretrain", "--model", str(workspace["init"]), "--data", str(data),
+                  "--output-dir", str(tmp_path / "out"), "--use-cpu"])
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_init_cli_assembles_a_model_that_keeps_the_llm_weights(workspace, tmp_path):
     from transformers import AutoModelForCausalLM
 

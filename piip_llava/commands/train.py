@@ -232,9 +232,10 @@ def run_train(args) -> int:
     try:
         options = build_options(args)
         training_arguments = build_training_arguments(args, options)
+        # Bad data files, checkpoints or model directories are reported as ValueErrors the user can act on.
+        trainer = run_training(options, training_arguments, resume=args.resume)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    trainer = run_training(options, training_arguments, resume=args.resume)
     logger.info(f"Finished {options.stage} after {trainer.state.global_step} steps; model in {args.output_dir}.")
     # Tear the process group down now, on every process: left to interpreter exit, gloo's threads were
     # sometimes still joinable when the C++ runtime shut down ("terminate called without an active
