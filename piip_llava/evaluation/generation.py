@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..images import read_image
 from .answer_request import ANSWERING_METHODS, AnswerRequest
 from .answers_file import append_answers, count_keys, repair_answers_file
 
@@ -95,7 +96,7 @@ def load_batch_images(batch: Sequence[AnswerRequest], summary: GenerationSummary
     usable, images = [], []
     for request in batch:
         try:
-            image = request.load_image().convert("RGB")
+            image = read_image(request.load_image())
         except (OSError, TypeError, ValueError) as error:
             reason = f"image could not be loaded ({type(error).__name__}: {error})"
             logger.warning(f"Skipping question {request.key}: {reason}")
