@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from threading import Thread
 
 from transformers.utils import logging
-
-from piip_llava.conversation import IMAGE_PLACEHOLDER
 
 logger = logging.get_logger(__name__)
 
@@ -20,71 +16,48 @@ BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_mo
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "chat",
         help="ask questions about an image",
         description="Chat about an image. With --prompt, answer once; otherwise start an interactive session "
-        "(empty line or Ctrl-D to quit). Exit status: 0 when every question was answered, 1 on an error "
-        "(message on stderr), 2 for bad arguments.",
+        "(empty line or Ctrl-D to quit).",
     )
     parser.add_argument("--model", help="model directory (default: the bundled demo model)")
     parser.add_argument("--image", required=True, help="image file to talk about")
     parser.add_argument("--prompt", help="one question; without it the session is interactive")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="dtype the model runs in (default: float32; bfloat16/float16 halve the memory)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=128,
-                        help="longest answer, in tokens (default: 128; less when the model's context runs out)")
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0,
-                        help="sampling temperature; 0 (the default) means greedy decoding")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
     parser.set_defaults(handler=run_chat)
 
 
-class ChatError(Exception):
-    """A turn that cannot be answered; the message says why."""
-
-
-class UnusableQuestionError(ChatError):
-    """A question the chat cannot put to the model as it is (the session can go on with another one)."""
-
-
-class ContextFullError(ChatError):
-    """The conversation and the new question leave no room in the model's context for an answer."""
-
-
-def resolve_model_dir(model: str | None) -> str:
+def resolve_model_dir(model: str | None) -> Path:
     if model is not None:
-        return model
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"error: {path} is not a model directory (no config.json).")
+        return path
     if (BUNDLED_MODEL_DIR / "config.json").is_file():
-        return str(BUNDLED_MODEL_DIR)
-    raise ChatError(
-        "no model given and the bundled demo model is not installed; pass --model DIR "
+        return BUNDLED_MODEL_DIR
+    raise SystemExit(
+        "error: no model given and the bundled demo model is not installed; pass --model DIR "
         "(a saved or converted PIIP-LLaVA directory, see README 'Using the released checkpoints')."
     )
 
 
-@dataclass
-class PreparedTurn:
-    """A question checked and tokenised against the conversation so far, ready to be answered."""
+def load_image(path: str):
+    from PIL import Image, UnidentifiedImageError
 
-    messages: list[dict]
-    inputs: dict
-    max_new_tokens: int
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise SystemExit(f"error: image {path} does not exist.") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise SystemExit(f"error: cannot read image {path}: {error}") from None
 
 
 class ChatSession:
@@ -97,69 +70,21 @@ class ChatSession:
         self.generation_options = generation_options
         self.messages: list[dict] = []
 
-    @property
-    def context_length(self) -> int | None:
-        """Tokens the language model attends to at most (prompt and answer together), if its config says."""
-        text_config = getattr(self.model.config, "text_config", self.model.config)
-        return getattr(text_config, "max_position_embeddings", None)
+    def ask(self, question: str, stream=None) -> str:
+        """Answer one turn, writing the answer to `stream` (the current `sys.stdout` by default) as it is generated."""
+        from transformers import TextIteratorStreamer
 
-    def restart(self) -> None:
-        """Forget the conversation; the next question starts a new one about the same image."""
-        self.messages = []
+        stream = sys.stdout if stream is None else stream
 
-    def prepare(self, question: str) -> PreparedTurn:
-        """Check `question` and build the model inputs for it; nothing is generated or remembered yet."""
-        placeholder = getattr(self.processor, "image_token", IMAGE_PLACEHOLDER)
-        if placeholder in question:
-            raise UnusableQuestionError(
-                f"the question contains {placeholder!r}, the image placeholder; the image is already part of the "
-                f"conversation, so ask without writing {placeholder!r}."
-            )
         if not self.messages:
             content = [{"type": "image"}, {"type": "text", "text": question}]
         else:
             content = [{"type": "text", "text": question}]
-        messages = [*self.messages, {"role": "user", "content": content}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        try:
-            inputs = self.processor(text=[prompt], images=[self.image], return_tensors="pt")
-        except ValueError as error:
-            raise UnusableQuestionError(f"the processor cannot prepare this question: {error}") from error
-        max_new_tokens = self.generation_options["max_new_tokens"]
-        if self.context_length is not None:
-            prompt_tokens = inputs["input_ids"].shape[1]
-            room = self.context_length - prompt_tokens
-            if room < 1:
-                raise ContextFullError(
-                    f"the conversation has filled the model's context: with this question it takes {prompt_tokens} "
-                    f"tokens (the image counts {getattr(self.processor, 'num_image_tokens', '?')}), and the model "
-                    f"reads at most {self.context_length}."
-                )
-            max_new_tokens = min(max_new_tokens, room)
-        return PreparedTurn(messages, inputs.to(self.model.device), max_new_tokens)
-
-    def answer(self, turn: PreparedTurn, stream=None) -> str:
-        """Generate the answer to a prepared turn, writing it to `stream` (default `sys.stdout`) as it comes.
-
-        `generate` runs in a worker thread that feeds the streamer; whatever it raises ends the stream
-        and is raised here as a `ChatError`, so a failed generation never leaves the reader waiting.
-        """
-        from transformers import TextIteratorStreamer
-
-        stream = sys.stdout if stream is None else stream
+        self.messages.append({"role": "user", "content": content})
+        prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[prompt], images=[self.image], return_tensors="pt").to(self.model.device)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        failures: list[Exception] = []
-
-        def generate() -> None:
-            try:
-                options = {**self.generation_options, "max_new_tokens": turn.max_new_tokens}
-                self.model.generate(**turn.inputs, **options, streamer=streamer)
-            except Exception as error:  # noqa: BLE001 (handed to the reading thread, which reports it)
-                failures.append(error)
-                streamer.end()
-
-        # A daemon thread: Ctrl-C in the reading thread ends the program without waiting for generation.
-        worker = Thread(target=generate, daemon=True)
+        worker = Thread(target=self.model.generate, kwargs={**inputs, **self.generation_options, "streamer": streamer})
         worker.start()
         pieces = []
         for piece in streamer:
@@ -168,24 +93,22 @@ class ChatSession:
             stream.flush()
         worker.join()
         stream.write("\n")
-        if failures:
-            error = failures[0]
-            raise ChatError(f"the model could not answer: {type(error).__name__}: {error}") from error
         answer = "".join(pieces).strip()
-        self.messages = [*turn.messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return answer
-
-    def ask(self, question: str, stream=None) -> str:
-        """Answer one turn, writing the answer to `stream` (the current `sys.stdout` by default) as it is generated."""
-        return self.answer(self.prepare(question), stream)
 
 
 def build_session(args) -> ChatSession:
-    from piip_llava.images import read_image
-    from piip_llava.model_loading import load_model_and_processor
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    image = read_image(args.image)
-    model, processor = load_model_and_processor(resolve_model_dir(args.model), device=args.device, dtype=args.dtype)
+    import piip_llava  # noqa: F401  (registers the model classes)
+
+    model_dir = resolve_model_dir(args.model)
+    image = load_image(args.image)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    model.to(args.device).eval()
     options = {"max_new_tokens": args.max_new_tokens}
     if args.temperature > 0:
         options.update(do_sample=True, temperature=args.temperature)
@@ -194,54 +117,19 @@ def build_session(args) -> ChatSession:
     return ChatSession(model, processor, image, options)
 
 
-def offer_restart(error: ContextFullError) -> bool:
-    """Say that the context is full and ask whether to start a new conversation about the image."""
-    print(f"{error}")
-    try:
-        reply = input("Start a new conversation about the same image and ask this question again? [y/N] ")
-    except EOFError:
-        return False
-    return reply.strip().lower() in ("y", "yes")
-
-
-def interactive_session(session: ChatSession) -> int:
-    """Questions from stdin until an empty line or end of input; 0, or 1 when a question went unanswered."""
+def run_chat(args) -> int:
+    session = build_session(args)
+    if args.prompt is not None:
+        session.ask(args.prompt)
+        return 0
     print("Ask about the image (empty line or Ctrl-D to quit).")
     while True:
         try:
             question = input("USER: ").strip()
         except EOFError:
-            return 0
+            break
         if not question:
-            return 0
-        try:
-            turn = session.prepare(question)
-        except UnusableQuestionError as error:
-            print(f"Cannot ask that: {error}")
-            continue
-        except ContextFullError as error:
-            if not offer_restart(error):
-                print("Conversation ended: the model's context is full.")
-                return 1
-            session.restart()
-            turn = session.prepare(question)  # too long even on its own: a ContextFullError for run_chat
+            break
         sys.stdout.write("ASSISTANT: ")
-        session.answer(turn)
-
-
-def run_chat(args) -> int:
-    from piip_llava.images import UnreadableImageError
-    from piip_llava.model_loading import ModelLoadingError
-
-    try:
-        session = build_session(args)
-        if args.prompt is not None:
-            session.ask(args.prompt)
-            return 0
-        return interactive_session(session)
-    except (ChatError, ModelLoadingError, UnreadableImageError) as error:
-        print(f"piip-llava chat: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        return 130
+        session.ask(question)
+    return 0

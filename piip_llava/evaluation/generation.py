@@ -18,7 +18,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..images import read_image
 from .answer_request import ANSWERING_METHODS, AnswerRequest
 from .answers_file import append_answers, count_keys, repair_answers_file
 
@@ -96,7 +95,7 @@ def load_batch_images(batch: Sequence[AnswerRequest], summary: GenerationSummary
     usable, images = [], []
     for request in batch:
         try:
-            image = read_image(request.load_image())
+            image = request.load_image().convert("RGB")
         except (OSError, TypeError, ValueError) as error:
             reason = f"image could not be loaded ({type(error).__name__}: {error})"
             logger.warning(f"Skipping question {request.key}: {reason}")

@@ -21,7 +21,6 @@ from typing import Any
 from PIL import Image
 
 from ..conversation import IMAGE_PLACEHOLDER
-from ..images import UnreadableImageError, read_image
 
 # Reasons a sample is skipped; the keys of `LlavaSupervisedDataset.skipped_summary()`.
 MALFORMED_RECORD = "malformed_record"
@@ -208,16 +207,16 @@ def record_lengths(records: Sequence[dict], num_image_tokens: int) -> tuple[list
 
 
 def load_rgb_image(image_ref, image_folder: str | os.PathLike | None) -> Image.Image:
-    """The record's image, upright and RGB (`piip_llava.images.read_image`), from a path under `image_folder`,
-    a PIL image or `{"bytes", "path"}`.
+    """The record's image as RGB, from a path under `image_folder`, a PIL image or `{"bytes", "path"}`.
 
     The pixels are decoded here (not lazily by PIL later), so a truncated or corrupt file is
-    reported as this sample's problem.
+    reported as this sample's problem. Palette images go through RGBA first so PIL applies their
+    transparency instead of warning; everything else converts to RGB as LLaVA does.
     """
     if isinstance(image_ref, Image.Image):
-        source, name = image_ref, "<image>"
+        image = image_ref
     elif isinstance(image_ref, dict) and image_ref.get("bytes") is not None:
-        source, name = io.BytesIO(image_ref["bytes"]), "<image bytes>"
+        image = open_image(io.BytesIO(image_ref["bytes"]), "<image bytes>")
     else:
         relative = image_ref.get("path") if isinstance(image_ref, dict) else image_ref
         if not isinstance(relative, (str, os.PathLike)) or not str(relative):
@@ -225,8 +224,16 @@ def load_rgb_image(image_ref, image_folder: str | os.PathLike | None) -> Image.I
         path = Path(image_folder, relative) if image_folder is not None else Path(relative)
         if not path.is_file():
             raise SkippedSample(MISSING_IMAGE, f"image file {path} does not exist")
-        source, name = path, str(path)
+        image = open_image(path, str(path))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def open_image(file, name: str) -> Image.Image:
     try:
-        return read_image(source, name)
-    except UnreadableImageError as error:
-        raise SkippedSample(CORRUPT_IMAGE, str(error)) from error
+        image = Image.open(file)
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise SkippedSample(CORRUPT_IMAGE, f"cannot decode {name}: {error}") from error
+    return image
