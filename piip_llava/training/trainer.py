@@ -3,8 +3,8 @@
 `run_training` is the whole run: load the starting model and its processor, choose what trains,
 build the dataset, train (resuming if asked), save a `from_pretrained` directory with the
 processor beside it, and record what was trained and which samples were skipped. The Trainer
-subclass only adds what LLaVA adds to the stock one: a separate projector learning rate and
-batches grouped by modality and length.
+subclass adds what LLaVA adds to the stock one (a separate projector learning rate and batches
+grouped by modality and length) and makes sure a resumed run's samplers shuffle for the right epoch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Trainer
+from torch.utils.data import Sampler
+from transformers import AutoTokenizer, Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import SAFE_WEIGHTS_NAME, logging
 
@@ -32,10 +33,46 @@ logger = logging.get_logger(__name__)
 SKIPPED_SAMPLES_FILE = "skipped_samples.json"
 
 
+class SamplerEpochCallback(TrainerCallback):
+    """Tells every sampler under the training data loader which epoch begins, so it shuffles for that epoch.
+
+    The Trainer relies on accelerate to pass the epoch down, and accelerate loses the way when a
+    resumed run skips the epoch's first batches on several processes: the skipping wrapper hides the
+    per-process shard, the sampler keeps epoch 0 and the rest of the resumed epoch replays epoch 0's
+    order (some samples twice, others never). The skipping loader reuses the samplers of the loader
+    the callback is handed, so setting their epoch here reaches the ones that are iterated.
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # Whole epochs done so far: a resumed state holds e.g. 1.375, a finished epoch exactly 1.0.
+        epoch = int(state.epoch or 0)
+        for sampler in samplers_under(train_dataloader):
+            sampler.set_epoch(epoch)
+
+
+def samplers_under(loader) -> list[Sampler]:
+    """The samplers with a `set_epoch` reachable from a data loader through its (batch) sampler wrappers."""
+    found, pending, seen = [], [loader], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, Sampler) and callable(getattr(current, "set_epoch", None)):
+            found.append(current)
+        pending += [getattr(current, name, None) for name in ("sampler", "batch_sampler")]
+    return found
+
+
 class PIIPLlavaTrainer(Trainer):
-    """The HF Trainer with LLaVA's two additions: `projector_lr` and modality/length-grouped batches."""
+    """The HF Trainer with LLaVA's additions, `projector_lr` and modality/length-grouped batches, and
+    a resumed run that sees the samples of an uninterrupted one whatever the sampler (`SamplerEpochCallback`)."""
 
     args: PIIPLlavaTrainingArguments
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(SamplerEpochCallback)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """The default optimizer, with the projector's parameters in groups of their own at `projector_lr`.
