@@ -173,25 +173,46 @@ def add_input_problems(metrics: dict, problems: list) -> dict:
     return metrics
 
 
-def textvqa_result(annotation_file: str, result_file: str, metrics_file: str | None, problems: list) -> int:
+def read_result_file(result_file: str):
+    """The answers of a result file to score; a missing file or one without a single answer is an error.
+
+    Lines that are not JSON objects are left out, and said so: they are answers that will not count.
+    """
     from .answers_file import read_answers
+
+    if not Path(result_file).is_file():
+        raise ValueError(f"Result file {result_file} does not exist.")
+    content = read_answers(result_file)
+    unreadable = len(content.corrupt_lines) + int(content.truncated_tail)
+    if unreadable:
+        where = content.corrupt_lines[:5] + (["the last"] if content.truncated_tail else [])
+        logger.warning(f"{result_file}: {unreadable} line(s) are not JSON answer records and are left out "
+                       f"(lines {', '.join(map(str, where))}).")
+    if not content.records:
+        raise ValueError(f"Result file {result_file} holds no answers"
+                         + (f" ({unreadable} unreadable line(s))." if unreadable else " (it is empty)."))
+    return content
+
+
+def textvqa_result(annotation_file: str, result_file: str, metrics_file: str | None, problems: list) -> int:
     from .textvqa import load_annotations, score_textvqa
 
-    content = read_answers(result_file)
-    if content.truncated_tail or content.corrupt_lines:
-        logger.warning(f"{result_file}: {len(content.corrupt_lines) + content.truncated_tail} unreadable line(s) ignored.")
-    score = score_textvqa(content.records, load_annotations(annotation_file))
+    annotations = load_annotations(annotation_file)
+    content = read_result_file(result_file)
+    score = score_textvqa(content.records, annotations)
     print(Path(result_file).stem)
     print(score.report())
-    write_metrics(metrics_file, add_input_problems(score.to_metrics(), problems))
+    metrics = add_input_problems(score.to_metrics(), problems)
+    metrics["unreadable_lines"] = len(content.corrupt_lines) + int(content.truncated_tail)
+    write_metrics(metrics_file, metrics)
     return 1 if score.unmatched else 0
 
 
 def mmbench_result(args, table, items, result_file: str, problems: list) -> int:
-    from .answers_file import read_answers
     from .mmbench import score_mmbench, submission_frame, write_submission
 
-    records = read_answers(result_file).records
+    content = read_result_file(result_file)
+    records = content.records
     submission_file = args.submission_file
     if submission_file is None and not table.has_answers:
         submission_file = str(Path(result_file).with_suffix(".xlsx"))
@@ -199,6 +220,9 @@ def mmbench_result(args, table, items, result_file: str, problems: list) -> int:
         write_submission(submission_frame(table, records, items), submission_file)
         print(f"Submission file written to {submission_file}")
     if not table.has_answers:
+        absent = "no 'answer' column" if "answer" not in table.frame.columns else "an empty 'answer' column"
+        logger.warning(f"{args.question_file} has {absent} (a test split?): no accuracy can be computed; "
+                       f"score the submission file {submission_file} on the MMBench server.")
         metrics = {"benchmark": "mmbench", "accuracy": None, "samples": len({item.group_id for item in items}),
                    "submission_file": submission_file}
         write_metrics(args.metrics_file, add_input_problems(metrics, problems))
@@ -206,7 +230,9 @@ def mmbench_result(args, table, items, result_file: str, problems: list) -> int:
     score = score_mmbench(records, items)
     print(Path(result_file).stem)
     print(score.report())
-    write_metrics(args.metrics_file, add_input_problems(score.to_metrics(), problems))
+    metrics = add_input_problems(score.to_metrics(), problems)
+    metrics["unreadable_lines"] = len(content.corrupt_lines) + int(content.truncated_tail)
+    write_metrics(args.metrics_file, metrics)
     return 1 if score.unmatched else 0
 
 
