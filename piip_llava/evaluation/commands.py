@@ -114,10 +114,29 @@ def add_parser(subparsers) -> None:
     mmbench.set_defaults(handler=reporting_usage_errors(run_score_mmbench))
 
 
-def generate_and_merge(args, requests, key_fields, description: str) -> tuple[bool, list]:
-    """Answer this process's shard; returns whether the complete answers file is ready, and skipped inputs."""
+def run_provenance(args, benchmark: str, settings: dict) -> dict:
+    """What this run's answers depend on: the model, the questions, and `settings` (see `provenance.py`)."""
+    from .provenance import model_identity, question_source
+
+    source = args.question_file if args.question_file is not None else args.dataset
+    return {
+        "benchmark": benchmark,
+        "model": model_identity(args.model_path),
+        "questions": question_source(source),
+        "settings": {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, **settings},
+    }
+
+
+def generate_and_merge(args, requests, key_fields, description: str, provenance: dict) -> tuple[bool, list]:
+    """Answer this process's shard; returns whether the complete answers file is ready, and skipped inputs.
+
+    Every shard file, and the merged file, carries the run's `provenance`; a file another run wrote is refused.
+    """
+    from .answers_file import atomic_write_json
     from .generation import generate_answers, load_model_and_processor
+    from .provenance import check_or_record_provenance, provenance_path
     from .sharding import (
+        Shard,
         all_shards_done,
         clear_shard_done,
         mark_shard_done,
@@ -132,6 +151,7 @@ def generate_and_merge(args, requests, key_fields, description: str) -> tuple[bo
     skipped = []
     if not args.merge_only:
         shard_path = shard_answers_path(args.answers_file, shard)
+        check_or_record_provenance(shard_path, provenance)
         clear_shard_done(shard_path)
         model, processor = load_model_and_processor(args.model_path, device=args.device, dtype=args.dtype)
         summary = generate_answers(
@@ -155,7 +175,10 @@ def generate_and_merge(args, requests, key_fields, description: str) -> tuple[bo
     elif not all_shards_done(args.answers_file, shard.count):
         logger.warning("Not every shard has finished; merging what the shard files hold.")
     skipped = [tuple(entry) for marker in read_done_markers(args.answers_file, shard.count) for entry in marker["skipped"]]
+    for index in range(shard.count):
+        check_or_record_provenance(shard_answers_path(args.answers_file, Shard(index, shard.count)), provenance)
     merge_shards(args.answers_file, shard.count, [request.key for request in requests], key_fields)
+    atomic_write_json(provenance_path(args.answers_file), provenance)
     return True, skipped
 
 
@@ -241,7 +264,11 @@ def run_eval_textvqa(args) -> int:
 
     loaded = load_textvqa_questions(args.question_file, args.image_folder, args.dataset, args.split, args.id_column)
     requests = loaded.requests[: args.limit] if args.limit is not None else loaded.requests
-    ready, skipped = generate_and_merge(args, requests, KEY_FIELDS, "TextVQA")
+    settings = {"image_folder": str(Path(args.image_folder).resolve()) if args.image_folder else None}
+    if args.dataset is not None:
+        settings.update(split=args.split, id_column=args.id_column)
+    provenance = run_provenance(args, "textvqa", settings)
+    ready, skipped = generate_and_merge(args, requests, KEY_FIELDS, "TextVQA", provenance)
     if not ready:
         return 0
     if args.annotation_file is None:
@@ -266,7 +293,10 @@ def run_eval_mmbench(args) -> int:
 
     table, items, skipped = mmbench_inputs(args)
     requests = mmbench_requests(table, items, lang=args.lang, likelihood_target=args.likelihood_target)
-    ready, generation_skipped = generate_and_merge(args, requests, KEY_FIELDS, "MMBench")
+    settings = {"lang": args.lang, "rounds": args.rounds, "answer_by": args.answer_by,
+                "likelihood_target": args.likelihood_target}
+    provenance = run_provenance(args, "mmbench", settings)
+    ready, generation_skipped = generate_and_merge(args, requests, KEY_FIELDS, "MMBench", provenance)
     if not ready:
         return 0
     return mmbench_result(args, table, items, args.answers_file, skipped + generation_skipped)
