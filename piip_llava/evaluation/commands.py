@@ -27,7 +27,7 @@ logger = logging.get_logger(__name__)
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", required=True, help="Folder with the model and its processor.")
-    parser.add_argument("--answers-file", required=True, help="JSONL answers (resumed if it exists).")
+    parser.add_argument("--answers-file", required=True, help="JSONL answers; resumed if it exists and the same model, questions and settings wrote it.")
     parser.add_argument("--model-id", default=None, help="model_id written in answers (default: folder name).")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="Questions answered together (default: 8); lower it if memory runs out.")
