@@ -38,9 +38,10 @@ class SamplerEpochCallback(TrainerCallback):
 
     The Trainer relies on accelerate to pass the epoch down, and accelerate loses the way when a
     resumed run skips the epoch's first batches on several processes: the skipping wrapper hides the
-    per-process shard, the sampler keeps epoch 0 and the rest of the resumed epoch replays epoch 0's
-    order (some samples twice, others never). The skipping loader reuses the samplers of the loader
-    the callback is handed, so setting their epoch here reaches the ones that are iterated.
+    per-process shard, so a sampler that shuffles by epoch (`ModalityLengthGroupedSampler`) keeps
+    epoch 0 and the rest of the resumed epoch replays epoch 0's order (some samples twice, others
+    never). The skipping loader reuses the samplers of the loader the callback is handed, so setting
+    their epoch here reaches the ones that are iterated.
     """
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
