@@ -217,3 +217,59 @@ def test_mmbench_test_split_resume_and_submission(tiny_model_dir, tmp_path, monk
     round_zero = {r["question_id"]: r["text"] for r in read_answers(answers).records if r["round_id"] == 0}
     assert "prediction" in uploaded.columns and "image" not in uploaded.columns
     assert [str(p) if not pd.isna(p) else "" for p in uploaded["prediction"]] == [round_zero[0], round_zero[1]]
+
+
+def test_resuming_refuses_answers_of_another_model_question_file_or_setting(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    root = make_textvqa_files(tmp_path, with_missing_image=False)
+    answers = tmp_path / "answers.jsonl"
+    assert main(textvqa_args(tiny_model_dir, root, answers, "--limit", "2")) == 0
+    recorded = json.loads((tmp_path / "answers.jsonl.provenance.json").read_text())
+    assert recorded["model"]["path"] == str(tiny_model_dir.resolve())
+    assert recorded["questions"]["path"] == str((root / "questions.jsonl").resolve())
+    assert recorded["settings"]["max_new_tokens"] == 3
+    before = answers.read_text()
+    capsys.readouterr()
+
+    # The same run resumes (and finishes the questions --limit left out).
+    assert main(textvqa_args(tiny_model_dir, root, answers)) == 0
+    assert len(read_answers(answers).records) == 5 and answers.read_text().startswith(before)
+    before = answers.read_text()
+
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other_model)
+    other_questions = tmp_path / "other"
+    make_textvqa_files(other_questions, with_missing_image=False)
+    (other_questions / "questions.jsonl").write_text((root / "questions.jsonl").read_text().replace("sign", "board"))
+    changed_runs = {
+        "model.path": textvqa_args(other_model, root, answers),
+        "questions.sha256": [*textvqa_args(tiny_model_dir, root, answers)[:4], "--question-file",
+                             str(other_questions / "questions.jsonl"), *textvqa_args(tiny_model_dir, root, answers)[6:]],
+        "settings.max_new_tokens: 3 -> 5": [*textvqa_args(tiny_model_dir, root, answers), "--max-new-tokens", "5"],
+        "settings.dtype: 'auto' -> 'float32'": [*textvqa_args(tiny_model_dir, root, answers), "--dtype", "float32"],
+    }
+    for difference, arguments in changed_runs.items():
+        assert main(arguments) == 2, difference
+        error = capsys.readouterr().err
+        assert f"{answers} holds 5 answers from another run (" in error and difference in error
+        assert "to start over" in error
+        assert answers.read_text() == before  # nothing mixed in, nothing thrown away
+
+    # Answers whose origin is unknown are not resumed either.
+    (tmp_path / "answers.jsonl.provenance.json").unlink()
+    assert main(textvqa_args(tiny_model_dir, root, answers)) == 2
+    assert "no record of what produced them" in capsys.readouterr().err
+
+
+def test_shards_of_different_models_are_not_merged(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    root = make_textvqa_files(tmp_path, with_missing_image=False)
+    answers = tmp_path / "answers.jsonl"
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other_model)
+    assert main(textvqa_args(other_model, root, answers, "--num-shards", "2", "--shard-index", "0")) == 0
+    assert main(textvqa_args(tiny_model_dir, root, answers, "--num-shards", "2", "--shard-index", "1")) == 2
+    assert "answers.shard-0-of-2.jsonl holds 3 answers from another run (model.path" in capsys.readouterr().err
+    assert not answers.exists()

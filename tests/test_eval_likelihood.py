@@ -135,7 +135,7 @@ def test_an_answers_file_is_never_resumed_with_the_other_method(tiny_model_dir, 
     assert main(arguments) == 0
     before = answers.read_text()
     assert main([*arguments, "--answer-by", "likelihood"]) == 2
-    assert "holds answers made by generation, not by likelihood" in capsys.readouterr().err
+    assert "settings.answer_by: 'generation' -> 'likelihood'" in capsys.readouterr().err
     assert answers.read_text() == before
 
 

@@ -215,3 +215,66 @@ def test_score_command_writes_metrics_and_test_split_submission(tmp_path, capsys
     assert status == 0
     uploaded = pd.read_excel(tmp_path / "answers.xlsx", engine="openpyxl")
     assert uploaded["prediction"].tolist() == ["B", "A"]
+
+
+@pytest.fixture
+def warnings_logged(caplog):
+    """The warnings our loggers write (transformers' logging does not propagate to pytest by default)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            yield caplog
+    finally:
+        hf_logging.disable_propagation()
+
+
+def test_score_command_says_which_result_lines_it_cannot_read(tmp_path, capsys, warnings_logged):
+    write_tsv(tmp_path / "dev.tsv", base_rows())
+    items, _ = load_mmbench_items(read_mmbench_table(tmp_path / "dev.tsv"))
+    lines = [json.dumps(record) for record in answers_for(items)]
+    lines.insert(2, "Traceback (most recent call last):")
+    result_file = tmp_path / "answers.jsonl"
+    result_file.write_text("\n".join(lines) + "\n" + lines[-1][:10])
+    metrics_file = tmp_path / "metrics.json"
+    status = main(["score", "mmbench", "--question-file", str(tmp_path / "dev.tsv"), "--result-file", str(result_file),
+                   "--metrics-file", str(metrics_file)])
+    assert status == 0 and "Circular accuracy: 100.00%" in capsys.readouterr().out
+    assert "2 line(s) are not JSON answer records and are left out (lines 3, the last)" in warnings_logged.text
+    assert json.loads(metrics_file.read_text())["unreadable_lines"] == 2
+
+
+def test_score_command_warns_that_a_tsv_without_answers_gives_no_accuracy(tmp_path, capsys, warnings_logged):
+    rows = [{key: value for key, value in row.items() if key != "answer"} for row in base_rows()]
+    write_tsv(tmp_path / "test.tsv", rows)
+    result_file = tmp_path / "answers.jsonl"
+    result_file.write_text(json.dumps({"question_id": 0, "round_id": 0, "text": "B"}) + "\n")
+    metrics_file = tmp_path / "metrics.json"
+    status = main(["score", "mmbench", "--question-file", str(tmp_path / "test.tsv"), "--result-file", str(result_file),
+                   "--metrics-file", str(metrics_file)])
+    assert status == 0
+    assert "Accuracy" not in capsys.readouterr().out
+    assert f"{tmp_path / 'test.tsv'} has no 'answer' column (a test split?): no accuracy can be computed" in (
+        warnings_logged.text)
+    assert json.loads(metrics_file.read_text())["accuracy"] is None
+
+
+def test_missing_question_or_result_files_are_named_in_one_line_errors(tmp_path, capsys):
+    write_tsv(tmp_path / "dev.tsv", base_rows())
+    assert main(["score", "mmbench", "--question-file", str(tmp_path / "dev.tsv"), "--result-file",
+                 str(tmp_path / "absent.jsonl")]) == 2
+    assert f"error: Result file {tmp_path / 'absent.jsonl'} does not exist." in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert main(["score", "mmbench", "--question-file", str(tmp_path / "dev.tsv"), "--result-file",
+                 str(tmp_path / "empty.jsonl")]) == 2
+    assert "holds no answers (it is empty)" in capsys.readouterr().err
+    for command in (["eval", "mmbench", "--model-path", str(tmp_path), "--answers-file", str(tmp_path / "a.jsonl")],
+                    ["score", "mmbench", "--result-file", str(tmp_path / "a.jsonl")]):
+        assert main([*command, "--question-file", str(tmp_path / "mmbench_dev.tsv")]) == 2
+        assert capsys.readouterr().err == f"error: MMBench question file {tmp_path / 'mmbench_dev.tsv'} does not exist.\n"
+    assert main(["eval", "textvqa", "--model-path", str(tmp_path), "--answers-file", str(tmp_path / "a.jsonl"),
+                 "--question-file", str(tmp_path / "questions.jsonl"), "--image-folder", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: TextVQA question file {tmp_path / 'questions.jsonl'} does not exist.\n"

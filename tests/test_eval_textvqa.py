@@ -86,7 +86,7 @@ def test_score_textvqa_matches_by_image_id_and_question():
     assert score.samples == 2
     assert score.accuracy == pytest.approx(100 * (1.0 + 0.9) / 2)
     assert [qid for qid, _ in score.unmatched] == ["img9", "img2"]
-    assert score.report() == f"Samples: 2\nAccuracy: {score.accuracy:.2f}%\n"
+    assert score.report() == f"Samples: 2\nAccuracy: {score.accuracy:.2f}%\nLeft out: 2 result(s) matching no annotation\n"
 
 
 def test_empty_prediction_scores_zero_and_is_counted():
@@ -130,3 +130,65 @@ def test_score_command_prints_llava_lines_and_writes_metrics(tmp_path, capsys):
     assert metrics["samples"] == 2
     assert metrics["unmatched_results"] == 1
     assert metrics["unmatched_examples"][0]["question_id"] == "unknown"
+
+
+def test_duplicate_answers_count_once_per_annotation_entry_and_missing_answers_are_reported():
+    annotations = load_annotations_from(
+        [("img1", "What brand?", ["dakota"] * 10), ("img2", "What number?", ["12"] * 10),
+         ("img2", "What number?", ["12"] * 10), ("img3", "Who?", ["me"] * 10)]
+    )
+    brand = {"question_id": "img1", "prompt": "What brand?\nAnswer...", "text": "dakota"}
+    number = {"question_id": "img2", "prompt": "What number?\nAnswer...", "text": "12"}
+    # img1 answered three times (wrongly after the first), img2 twice as the file asks it twice, img3 never.
+    records = [brand, {**brand, "text": "x"}, {**brand, "text": "y"}, number, number]
+    score = score_textvqa(records, annotations)
+    assert score.samples == 3 and score.accuracy == pytest.approx(100.0)
+    assert [reason.split(" for")[0] for _, reason in score.unmatched] == ["duplicate answer", "duplicate answer"]
+    assert score.annotations_without_result == 1
+    assert score.report() == (
+        "Samples: 3\nAccuracy: 100.00%\nLeft out: 2 duplicate answer(s) to questions already answered\n"
+        "Missing: 1 annotated question(s) have no answer; the accuracy is over the answered ones\n"
+    )
+
+
+def load_annotations_from(entries):
+    from piip_llava.evaluation.textvqa import TextVQAAnnotations
+
+    annotations = TextVQAAnnotations()
+    for image_id, question, answers in entries:
+        annotations[(image_id, question.lower())] = answers
+        annotations.entries[(image_id, question.lower())] += 1
+    return annotations
+
+
+def score_args(annotation_file, result_file):
+    return ["score", "textvqa", "--annotation-file", str(annotation_file), "--result-file", str(result_file)]
+
+
+def test_score_command_refuses_a_missing_or_empty_result_file(tmp_path, capsys):
+    annotation_file = tmp_path / "TextVQA_0.5.1_val.json"
+    write_annotation_file(annotation_file, ANNOTATIONS)
+    assert main(score_args(annotation_file, tmp_path / "absent.jsonl")) == 2
+    assert f"error: Result file {tmp_path / 'absent.jsonl'} does not exist." in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(score_args(annotation_file, tmp_path / "empty.jsonl")) == 2
+    assert "holds no answers (it is empty)" in capsys.readouterr().err
+    (tmp_path / "garbage.jsonl").write_text("not json\n[1, 2]\n")
+    assert main(score_args(annotation_file, tmp_path / "garbage.jsonl")) == 2
+    assert "holds no answers (2 unreadable line(s))" in capsys.readouterr().err
+    assert main(score_args(tmp_path / "absent.json", tmp_path / "garbage.jsonl")) == 2
+    assert f"annotation file {tmp_path / 'absent.json'} does not exist" in capsys.readouterr().err
+    assert "Accuracy" not in capsys.readouterr().out
+
+
+def test_score_command_prints_duplicates_and_missing_answers(tmp_path, capsys):
+    annotation_file = tmp_path / "TextVQA_0.5.1_val.json"
+    write_annotation_file(annotation_file, ANNOTATIONS)
+    answer = {"question_id": "img1", "prompt": "What brand?\nAnswer the question using a single word or phrase.",
+              "text": "dakota"}
+    (tmp_path / "answers.jsonl").write_text(json.dumps(answer) + "\n" + json.dumps({**answer, "text": "no"}) + "\n")
+    status = main(score_args(annotation_file, tmp_path / "answers.jsonl"))
+    output = capsys.readouterr().out
+    assert status == 1
+    assert "Samples: 1\nAccuracy: 100.00%\nLeft out: 1 duplicate answer(s)" in output
+    assert "Missing: 1 annotated question(s) have no answer" in output

@@ -24,7 +24,7 @@ from piip_llava.training.freezing import (
     VISION_INTERACTIONS,
     parameter_part,
 )
-from piip_llava.training.trainer import resolve_resume_checkpoint, run_training
+from piip_llava.training.trainer import checkpoint_problem, resolve_resume_checkpoint, run_training
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_frozen_parts_stay_bit_identical_and_trained_parts_change(workspace, tmp
     assert {parameter_part(name) for name in listed_frozen} == frozen
 
 
-def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(workspace, tmp_path):
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(workspace, tmp_path, caplog):
     class StopAfter(TrainerCallback):
         """Simulates an interruption right after the checkpoint at `step` is written."""
 
@@ -122,8 +122,19 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(workspac
     interrupted = tmp_path / "interrupted"
     run_training(options, training_arguments(interrupted, **arguments), callbacks=[StopAfter(3)])
     assert json.loads((interrupted / "trainer_state.json").read_text())["global_step"] == 3
-    assert resolve_resume_checkpoint("auto", interrupted) == str(interrupted / "checkpoint-3")
-    trainer = run_training(options, training_arguments(interrupted, **arguments), resume="auto")
+    # A later checkpoint a kill cut short (weights half-written, no trainer_state.json) is passed over, saying so.
+    half_written = interrupted / "checkpoint-5"
+    half_written.mkdir()
+    weights_bytes = (interrupted / "checkpoint-3" / "model.safetensors").read_bytes()
+    (half_written / "model.safetensors").write_bytes(weights_bytes[: len(weights_bytes) // 2])
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert resolve_resume_checkpoint("auto", interrupted) == str(interrupted / "checkpoint-3")
+            trainer = run_training(options, training_arguments(interrupted, **arguments), resume="auto")
+    finally:
+        hf_logging.disable_propagation()
+    assert f"{half_written} is incomplete (no trainer_state.json)" in caplog.text
     assert trainer.state.global_step == 6
     # The trainer's batches come padded to the shared multiple (fewer shapes for bf16 kernels and tensor cores).
     batch = next(iter(trainer.get_train_dataloader()))
@@ -140,6 +151,37 @@ def test_resume_without_a_checkpoint_starts_fresh_and_a_wrong_path_is_an_error(t
     assert resolve_resume_checkpoint(None, tmp_path) is None
     with pytest.raises(ValueError, match="does not exist"):
         resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
+
+
+def write_checkpoint(directory, state="{}", weights=None):
+    """A checkpoint-N directory as the Trainer leaves it: model weights, then trainer_state.json last."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    save_file({"weight": torch.zeros(64)}, directory / "model.safetensors")
+    if weights is not None:
+        (directory / "model.safetensors").write_bytes(weights((directory / "model.safetensors").read_bytes()))
+    if state is not None:
+        (directory / "trainer_state.json").write_text(state)
+    return directory
+
+
+def test_resume_passes_over_half_written_checkpoints_to_the_newest_complete_one(tmp_path):
+    complete = write_checkpoint(tmp_path / "checkpoint-2")
+    write_checkpoint(tmp_path / "checkpoint-4", weights=lambda data: data[:-40])
+    write_checkpoint(tmp_path / "checkpoint-6", state='{"global_step": 6, "log_hi')
+    write_checkpoint(tmp_path / "checkpoint-8", state=None)
+    (tmp_path / "checkpoint-10").mkdir()
+    assert resolve_resume_checkpoint("auto", tmp_path) == str(complete)
+    full = (complete / "model.safetensors").stat().st_size
+    assert checkpoint_problem(tmp_path / "checkpoint-4") == f"model.safetensors is truncated ({full - 40} of {full} bytes)"
+    assert checkpoint_problem(tmp_path / "checkpoint-6") == "trainer_state.json is not valid JSON"
+    assert checkpoint_problem(tmp_path / "checkpoint-10") == "no trainer_state.json"
+    with pytest.raises(ValueError, match="checkpoint-8 is incomplete \\(no trainer_state.json\\); resume from an earlier"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-8"), tmp_path)
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").unlink(missing_ok=True)
+    assert resolve_resume_checkpoint("auto", tmp_path) is None
 
 
 def test_lora_run_merges_into_a_plain_checkpoint_with_the_peft_models_logits(workspace, tmp_path):
@@ -226,6 +268,20 @@ def test_cli_reports_missing_options_and_a_wrong_global_batch(tmp_path):
     with pytest.raises(SystemExit, match="not a multiple"):
         cli_main(["train", "--stage", "pretrain", "--model", "m", "--data", "d", "--output-dir", str(tmp_path),
                   "--per-device-batch-size", "3", "--global-batch-size", "8"])
+    with pytest.raises(SystemExit, match=r"--warmup-ratio must be in \[0, 1\), got 3.0"):
+        cli_main(["train", "--stage", "pretrain", "--model", "m", "--data", "d", "--output-dir", str(tmp_path),
+                  "--warmup-ratio", "3"])
+
+
+@pytest.mark.parametrize(("content", "message"), [("[]", "holds no training records"), ("", "is empty"),
+                                                  ('[{"id": "a", "conv', "is not valid JSON \\(.* line 1, column 14\\)")])
+def test_train_cli_refuses_a_data_file_without_records_and_writes_no_model(workspace, tmp_path, content, message):
+    data = tmp_path / "records.json"
+    data.write_text(content)
+    with pytest.raises(SystemExit, match=f"error: Training data file {data} {message}"):
+        cli_main(["train", "--stage", "pretrain", "--model", str(workspace["init"]), "--data", str(data),
+                  "--output-dir", str(tmp_path / "out"), "--use-cpu"])
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_init_cli_assembles_a_model_that_keeps_the_llm_weights(workspace, tmp_path):

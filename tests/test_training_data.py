@@ -353,6 +353,35 @@ def test_invalid_arguments_name_the_problem(tokenizer):
         make_dataset(tokenizer, "/nonexistent/records.json")
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("records.json", "[]", "records.json holds no training records"),
+        ("records.jsonl", "\n\n", "records.jsonl is empty"),
+        ("records.json", "", "records.json is empty"),
+        ("records.json", json.dumps([GOOD_TEXT, GOOD_TEXT])[:-20],
+         "records.json is not valid JSON \\(Unterminated string starting at line 1, column \\d+\\) .*truncated"),
+        ("records.jsonl", json.dumps(GOOD_TEXT) + "\n" + json.dumps(GOOD_TEXT)[:-5],
+         "records.jsonl is not valid JSON \\(.* line 2, column \\d+\\) .*truncated"),
+        ("records.json", json.dumps(GOOD_TEXT), "must hold a JSON list of records .* not a JSON dict"),
+    ],
+    ids=["empty-list", "blank-jsonl", "empty-file", "truncated-json", "truncated-jsonl", "not-a-list"],
+)
+def test_a_data_file_without_usable_records_is_refused_naming_the_file(tokenizer, tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as raised:
+        make_dataset(tokenizer, path)
+    assert str(path) in str(raised.value)
+
+
+def test_an_empty_list_or_dataset_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="holds no training records"):
+        make_dataset(tokenizer, [])
+    with pytest.raises(ValueError, match="holds no training records"):
+        make_dataset(tokenizer, Dataset.from_dict({"conversations": []}))
+
+
 # ---------------------------------------------------------------------------------------------
 # Sources
 

@@ -45,7 +45,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--deepspeed", help="DeepSpeed config JSON (scripts/zero2.json, zero3.json, zero3_offload.json)")
     run.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                      help="resume from CHECKPOINT, or with no value from the newest checkpoint-* in --output-dir")
-    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--seed", type=int, default=42,
+                     help="seed of the weight initialisation, dropout and the sample order (default: 42)")
     run.add_argument("--use-cpu", action="store_true", help="train on the CPU even if a GPU is present")
     run.add_argument("--report-to", default="none", help="tensorboard, wandb, ... (default: none)")
     # The DeepSpeed launcher passes --local_rank unless started with --no_local_rank; LOCAL_RANK is used instead.
@@ -54,17 +55,26 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation (defaults: the stage's LLaVA-1.5 recipe)")
     optim.add_argument("--learning-rate", type=float, help="1e-3 for pretrain, 2e-5 for finetune")
     optim.add_argument("--projector-lr", type=float, help="a separate learning rate for the projector")
-    optim.add_argument("--weight-decay", type=float, default=0.0)
-    optim.add_argument("--warmup-ratio", type=float, default=0.03)
-    optim.add_argument("--lr-scheduler", default="cosine")
-    optim.add_argument("--epochs", type=float, default=1.0)
+    optim.add_argument("--weight-decay", type=float, default=0.0,
+                       help="AdamW weight decay; biases and norms never decay (default: 0)")
+    optim.add_argument("--warmup-ratio", type=float, default=0.03,
+                       help="fraction of the optimizer steps spent warming the learning rate up, in [0, 1) "
+                       "(default: 0.03)")
+    optim.add_argument("--lr-scheduler", default="cosine",
+                       help="learning-rate schedule after warm-up: a transformers SchedulerType such as cosine, "
+                       "linear, constant (default: cosine)")
+    optim.add_argument("--epochs", type=float, default=1.0,
+                       help="passes over the data; fractions allowed; --max-steps overrides it (default: 1)")
     optim.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    optim.add_argument("--per-device-batch-size", type=int, default=4)
-    optim.add_argument("--gradient-accumulation-steps", type=int, default=None)
+    optim.add_argument("--per-device-batch-size", type=int, default=4,
+                       help="samples per forward pass on each process (default: 4)")
+    optim.add_argument("--gradient-accumulation-steps", type=int, default=None,
+                       help="forward passes per optimizer step (default: 1, or what --global-batch-size implies)")
     optim.add_argument("--global-batch-size", type=int,
                        help="samples per optimizer step over all processes; sets the accumulation steps")
     optim.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    optim.add_argument("--gradient-checkpointing", action="store_true")
+    optim.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, one more forward pass of compute")
 
     data = parser.add_argument_group("data")
     data.add_argument("--max-length", type=int, default=2048, help="longest sample in tokens, image tokens included")
@@ -72,14 +82,17 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--image-aspect-ratio", choices=("pad", "crop"), help="default: crop for pretrain, pad for finetune")
     data.add_argument("--group-by-modality-length", action=argparse.BooleanOptionalAction, default=None,
                       help="batch image and text-only samples apart, sorted by length (default: on for finetune)")
-    data.add_argument("--dataloader-workers", type=int, default=0)
+    data.add_argument("--dataloader-workers", type=int, default=0,
+                      help="processes that load and tokenize samples beside training (default: 0, in the main "
+                      "process)")
     data.add_argument("--scan-data", action="store_true",
                       help="check every record before training so skipped_samples.json covers all of them")
 
     saving = parser.add_argument_group("checkpoints and logging")
     saving.add_argument("--save-steps", type=int, default=500, help="save a checkpoint-N every this many steps")
     saving.add_argument("--save-total-limit", type=int, default=2, help="keep at most this many checkpoints")
-    saving.add_argument("--logging-steps", type=int, default=1)
+    saving.add_argument("--logging-steps", type=int, default=1,
+                        help="log the loss and learning rate every this many steps (default: 1)")
 
     parts = parser.add_argument_group("what trains (stage 2)")
     parts.add_argument("--freeze-vision-branches", action="store_true",
@@ -89,7 +102,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parts.add_argument("--freeze-llm", action="store_true", help="keep the language model fixed")
     parts.add_argument("--lora-rank", type=int, default=0, help="LoRA on the LLM's linear layers (LLaVA: 128)")
     parts.add_argument("--lora-alpha", type=int, default=256, help="LoRA scaling numerator (LLaVA: 256)")
-    parts.add_argument("--lora-dropout", type=float, default=0.05)
+    parts.add_argument("--lora-dropout", type=float, default=0.05,
+                       help="dropout on the LoRA branch's input (LLaVA: 0.05)")
 
 
 def add_init_parser(commands) -> None:
@@ -178,6 +192,9 @@ def build_training_arguments(args, options):
     from ..training.arguments import PIIPLlavaTrainingArguments
 
     recipe = options.recipe
+    if not 0 <= args.warmup_ratio < 1:
+        # transformers reads a warm-up of 1 or more as a number of steps, not a fraction.
+        raise ValueError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}.")
     group_by_modality = recipe.group_by_modality_length
     if args.group_by_modality_length is not None:
         group_by_modality = args.group_by_modality_length
@@ -216,9 +233,10 @@ def run_train(args) -> int:
     try:
         options = build_options(args)
         training_arguments = build_training_arguments(args, options)
+        # Bad data files, checkpoints or model directories are reported as ValueErrors the user can act on.
+        trainer = run_training(options, training_arguments, resume=args.resume)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    trainer = run_training(options, training_arguments, resume=args.resume)
     logger.info(f"Finished {options.stage} after {trainer.state.global_step} steps; model in {args.output_dir}.")
     # Tear the process group down now, on every process: left to interpreter exit, gloo's threads were
     # sometimes still joinable when the C++ runtime shut down ("terminate called without an active

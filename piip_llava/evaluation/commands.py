@@ -27,11 +27,14 @@ logger = logging.get_logger(__name__)
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", required=True, help="Folder with the model and its processor.")
-    parser.add_argument("--answers-file", required=True, help="JSONL answers (resumed if it exists).")
+    parser.add_argument("--answers-file", required=True, help="JSONL answers; resumed if it exists and the same model, questions and settings wrote it.")
     parser.add_argument("--model-id", default=None, help="model_id written in answers (default: folder name).")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="Questions answered together (default: 8); lower it if memory runs out.")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="Longest answer in tokens (default: 128); part of what the answers file records.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="Weights dtype (default: auto, the dtype the checkpoint was saved in).")
     parser.add_argument("--device", default=None, help="Default: cuda:LOCAL_RANK if a GPU is visible, else cpu.")
     parser.add_argument("--num-shards", "--num-chunks", type=int, default=None,
                         help="Split the questions over this many processes (default: WORLD_SIZE or 1).")
@@ -57,7 +60,8 @@ def add_mmbench_sources(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", default="auto", choices=["auto", "rotate", "rows"],
                         help="rotate: ask every rotation of each row; rows: the TSV already holds the rotated "
                         "copies (index + k*1e6); auto: rows if such indices exist, else rotate.")
-    parser.add_argument("--lang", default="en", choices=["en", "cn"])
+    parser.add_argument("--lang", default="en", choices=["en", "cn"],
+                        help="Language of the answer instruction: en for MMBench, cn for MMBench-CN (default: en).")
     parser.add_argument("--submission-file", default=None,
                         help="xlsx for the MMBench server (default for a split without answers: answers file "
                         "with .xlsx suffix).")
@@ -99,21 +103,40 @@ def add_parser(subparsers) -> None:
     score_parser = subparsers.add_parser("score", help="Score an existing answers file.")
     score_commands = score_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     textvqa = score_commands.add_parser("textvqa", help="LLaVA's eval_textvqa.py protocol.")
-    textvqa.add_argument("--annotation-file", required=True)
-    textvqa.add_argument("--result-file", required=True)
-    textvqa.add_argument("--metrics-file", default=None)
+    textvqa.add_argument("--annotation-file", required=True, help="TextVQA_0.5.1_val.json (the human answers).")
+    textvqa.add_argument("--result-file", required=True, help="JSONL answers to score (ours or LLaVA's).")
+    textvqa.add_argument("--metrics-file", default=None, help="Write the scores as JSON here.")
     textvqa.set_defaults(handler=reporting_usage_errors(run_score_textvqa))
     mmbench = score_commands.add_parser("mmbench", help="Circular and vanilla accuracy, or a submission file.")
     add_mmbench_sources(mmbench)
-    mmbench.add_argument("--result-file", required=True)
-    mmbench.add_argument("--metrics-file", default=None)
+    mmbench.add_argument("--result-file", required=True, help="JSONL answers to score (ours or LLaVA's).")
+    mmbench.add_argument("--metrics-file", default=None, help="Write the scores as JSON here.")
     mmbench.set_defaults(handler=reporting_usage_errors(run_score_mmbench))
 
 
-def generate_and_merge(args, requests, key_fields, description: str) -> tuple[bool, list]:
-    """Answer this process's shard; returns whether the complete answers file is ready, and skipped inputs."""
+def run_provenance(args, benchmark: str, settings: dict) -> dict:
+    """What this run's answers depend on: the model, the questions, and `settings` (see `provenance.py`)."""
+    from .provenance import model_identity, question_source
+
+    source = args.question_file if args.question_file is not None else args.dataset
+    return {
+        "benchmark": benchmark,
+        "model": model_identity(args.model_path),
+        "questions": question_source(source),
+        "settings": {"max_new_tokens": args.max_new_tokens, "dtype": args.dtype, **settings},
+    }
+
+
+def generate_and_merge(args, requests, key_fields, description: str, provenance: dict) -> tuple[bool, list]:
+    """Answer this process's shard; returns whether the complete answers file is ready, and skipped inputs.
+
+    Every shard file, and the merged file, carries the run's `provenance`; a file another run wrote is refused.
+    """
+    from .answers_file import atomic_write_json
     from .generation import generate_answers, load_model_and_processor
+    from .provenance import check_or_record_provenance, provenance_path
     from .sharding import (
+        Shard,
         all_shards_done,
         clear_shard_done,
         mark_shard_done,
@@ -128,6 +151,7 @@ def generate_and_merge(args, requests, key_fields, description: str) -> tuple[bo
     skipped = []
     if not args.merge_only:
         shard_path = shard_answers_path(args.answers_file, shard)
+        check_or_record_provenance(shard_path, provenance)
         clear_shard_done(shard_path)
         model, processor = load_model_and_processor(args.model_path, device=args.device, dtype=args.dtype)
         summary = generate_answers(
@@ -151,7 +175,10 @@ def generate_and_merge(args, requests, key_fields, description: str) -> tuple[bo
     elif not all_shards_done(args.answers_file, shard.count):
         logger.warning("Not every shard has finished; merging what the shard files hold.")
     skipped = [tuple(entry) for marker in read_done_markers(args.answers_file, shard.count) for entry in marker["skipped"]]
+    for index in range(shard.count):
+        check_or_record_provenance(shard_answers_path(args.answers_file, Shard(index, shard.count)), provenance)
     merge_shards(args.answers_file, shard.count, [request.key for request in requests], key_fields)
+    atomic_write_json(provenance_path(args.answers_file), provenance)
     return True, skipped
 
 
@@ -169,25 +196,46 @@ def add_input_problems(metrics: dict, problems: list) -> dict:
     return metrics
 
 
-def textvqa_result(annotation_file: str, result_file: str, metrics_file: str | None, problems: list) -> int:
+def read_result_file(result_file: str):
+    """The answers of a result file to score; a missing file or one without a single answer is an error.
+
+    Lines that are not JSON objects are left out, and said so: they are answers that will not count.
+    """
     from .answers_file import read_answers
+
+    if not Path(result_file).is_file():
+        raise ValueError(f"Result file {result_file} does not exist.")
+    content = read_answers(result_file)
+    unreadable = len(content.corrupt_lines) + int(content.truncated_tail)
+    if unreadable:
+        where = content.corrupt_lines[:5] + (["the last"] if content.truncated_tail else [])
+        logger.warning(f"{result_file}: {unreadable} line(s) are not JSON answer records and are left out "
+                       f"(lines {', '.join(map(str, where))}).")
+    if not content.records:
+        raise ValueError(f"Result file {result_file} holds no answers"
+                         + (f" ({unreadable} unreadable line(s))." if unreadable else " (it is empty)."))
+    return content
+
+
+def textvqa_result(annotation_file: str, result_file: str, metrics_file: str | None, problems: list) -> int:
     from .textvqa import load_annotations, score_textvqa
 
-    content = read_answers(result_file)
-    if content.truncated_tail or content.corrupt_lines:
-        logger.warning(f"{result_file}: {len(content.corrupt_lines) + content.truncated_tail} unreadable line(s) ignored.")
-    score = score_textvqa(content.records, load_annotations(annotation_file))
+    annotations = load_annotations(annotation_file)
+    content = read_result_file(result_file)
+    score = score_textvqa(content.records, annotations)
     print(Path(result_file).stem)
     print(score.report())
-    write_metrics(metrics_file, add_input_problems(score.to_metrics(), problems))
+    metrics = add_input_problems(score.to_metrics(), problems)
+    metrics["unreadable_lines"] = len(content.corrupt_lines) + int(content.truncated_tail)
+    write_metrics(metrics_file, metrics)
     return 1 if score.unmatched else 0
 
 
 def mmbench_result(args, table, items, result_file: str, problems: list) -> int:
-    from .answers_file import read_answers
     from .mmbench import score_mmbench, submission_frame, write_submission
 
-    records = read_answers(result_file).records
+    content = read_result_file(result_file)
+    records = content.records
     submission_file = args.submission_file
     if submission_file is None and not table.has_answers:
         submission_file = str(Path(result_file).with_suffix(".xlsx"))
@@ -195,6 +243,9 @@ def mmbench_result(args, table, items, result_file: str, problems: list) -> int:
         write_submission(submission_frame(table, records, items), submission_file)
         print(f"Submission file written to {submission_file}")
     if not table.has_answers:
+        absent = "no 'answer' column" if "answer" not in table.frame.columns else "an empty 'answer' column"
+        logger.warning(f"{args.question_file} has {absent} (a test split?): no accuracy can be computed; "
+                       f"score the submission file {submission_file} on the MMBench server.")
         metrics = {"benchmark": "mmbench", "accuracy": None, "samples": len({item.group_id for item in items}),
                    "submission_file": submission_file}
         write_metrics(args.metrics_file, add_input_problems(metrics, problems))
@@ -202,7 +253,9 @@ def mmbench_result(args, table, items, result_file: str, problems: list) -> int:
     score = score_mmbench(records, items)
     print(Path(result_file).stem)
     print(score.report())
-    write_metrics(args.metrics_file, add_input_problems(score.to_metrics(), problems))
+    metrics = add_input_problems(score.to_metrics(), problems)
+    metrics["unreadable_lines"] = len(content.corrupt_lines) + int(content.truncated_tail)
+    write_metrics(args.metrics_file, metrics)
     return 1 if score.unmatched else 0
 
 
@@ -211,7 +264,11 @@ def run_eval_textvqa(args) -> int:
 
     loaded = load_textvqa_questions(args.question_file, args.image_folder, args.dataset, args.split, args.id_column)
     requests = loaded.requests[: args.limit] if args.limit is not None else loaded.requests
-    ready, skipped = generate_and_merge(args, requests, KEY_FIELDS, "TextVQA")
+    settings = {"image_folder": str(Path(args.image_folder).resolve()) if args.image_folder else None}
+    if args.dataset is not None:
+        settings.update(split=args.split, id_column=args.id_column)
+    provenance = run_provenance(args, "textvqa", settings)
+    ready, skipped = generate_and_merge(args, requests, KEY_FIELDS, "TextVQA", provenance)
     if not ready:
         return 0
     if args.annotation_file is None:
@@ -236,7 +293,10 @@ def run_eval_mmbench(args) -> int:
 
     table, items, skipped = mmbench_inputs(args)
     requests = mmbench_requests(table, items, lang=args.lang, likelihood_target=args.likelihood_target)
-    ready, generation_skipped = generate_and_merge(args, requests, KEY_FIELDS, "MMBench")
+    settings = {"lang": args.lang, "rounds": args.rounds, "answer_by": args.answer_by,
+                "likelihood_target": args.likelihood_target}
+    provenance = run_provenance(args, "mmbench", settings)
+    ready, generation_skipped = generate_and_merge(args, requests, KEY_FIELDS, "MMBench", provenance)
     if not ready:
         return 0
     return mmbench_result(args, table, items, args.answers_file, skipped + generation_skipped)

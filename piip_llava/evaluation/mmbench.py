@@ -99,6 +99,8 @@ class MMBenchTable:
 
 def read_mmbench_table(path: str | os.PathLike) -> MMBenchTable:
     """Read the TSV as text columns; lines with too many fields are skipped and listed, not fatal."""
+    if not Path(path).is_file():
+        raise ValueError(f"MMBench question file {path} does not exist.")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", pd.errors.ParserWarning)
         frame = pd.read_csv(path, sep="\t", dtype=str, on_bad_lines="warn")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +32,7 @@ OCR_LINE_PREFIX = "Reference OCR token: "
 # A TextVQA answer is identified by its question id and prompt: one image has several questions.
 KEY_FIELDS = ("question_id", "prompt")
 SHOWN_PROBLEMS = 5
+DUPLICATE = "duplicate answer"
 
 
 @dataclass
@@ -151,6 +153,8 @@ def load_textvqa_questions(
     if question_file is not None:
         if image_folder is None:
             raise ValueError("--question-file needs --image-folder (the TextVQA train_images folder).")
+        if not Path(question_file).is_file():
+            raise ValueError(f"TextVQA question file {question_file} does not exist.")
         loaded = questions_from_jsonl(question_file, image_folder)
     else:
         loaded = questions_from_dataset(dataset_path, split=split, id_column=id_column)
@@ -179,20 +183,39 @@ def question_from_prompt(prompt: str) -> str | None:
     return None
 
 
-def load_annotations(annotation_file: str | os.PathLike) -> dict[tuple, list[str]]:
-    """(image_id, lower-cased question) -> the human answers, from TextVQA_0.5.1_val.json."""
-    with open(annotation_file, encoding="utf-8") as handle:
-        payload = json.load(handle)
+class TextVQAAnnotations(dict):
+    """(image_id, lower-cased question) -> the human answers, and how many entries of the file share each key.
+
+    A few image/question pairs appear more than once in TextVQA val; LLaVA's scorer scores each of
+    their answers (against the last entry's answers), so up to that many answers count per key.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.entries: Counter = Counter()
+
+
+def load_annotations(annotation_file: str | os.PathLike) -> TextVQAAnnotations:
+    """The annotations of TextVQA_0.5.1_val.json, keyed as LLaVA's scorer matches results."""
+    if not Path(annotation_file).is_file():
+        raise ValueError(f"TextVQA annotation file {annotation_file} does not exist.")
+    try:
+        with open(annotation_file, encoding="utf-8") as handle:
+            payload = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TextVQA annotation file {annotation_file} is not valid JSON ({error}).") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
         raise ValueError(  # noqa: TRY004 (the file is wrong, not the caller)
             f"{annotation_file} is not a TextVQA annotation file: expected {{'data': [...]}}."
         )
-    annotations = {}
+    annotations = TextVQAAnnotations()
     for entry in payload["data"]:
         answers = entry.get("answers")
         if not answers:
             raise ValueError(f"Annotation for question {entry.get('question_id')} has no answers; is this the test split?")
-        annotations[(entry["image_id"], entry["question"].lower())] = answers
+        key = (entry["image_id"], entry["question"].lower())
+        annotations[key] = answers
+        annotations.entries[key] += 1
     return annotations
 
 
@@ -207,7 +230,17 @@ class TextVQAScore:
     annotations_without_result: int = 0
 
     def report(self) -> str:
-        return f"Samples: {self.samples}\nAccuracy: {self.accuracy:.2f}%\n"
+        """LLaVA's two lines, then a line for each kind of result or annotation left out, if any."""
+        text = f"Samples: {self.samples}\nAccuracy: {self.accuracy:.2f}%\n"
+        duplicates = sum(reason.startswith(DUPLICATE) for _, reason in self.unmatched)
+        if len(self.unmatched) > duplicates:
+            text += f"Left out: {len(self.unmatched) - duplicates} result(s) matching no annotation\n"
+        if duplicates:
+            text += f"Left out: {duplicates} duplicate answer(s) to questions already answered\n"
+        if self.annotations_without_result:
+            text += (f"Missing: {self.annotations_without_result} annotated question(s) have no answer; the accuracy "
+                     "is over the answered ones\n")
+        return text
 
     def to_metrics(self) -> dict:
         return {
@@ -223,8 +256,9 @@ class TextVQAScore:
 
 def score_textvqa(records: Iterable[dict], annotations: dict[tuple, list[str]]) -> TextVQAScore:
     """Score answer records; results the annotations lack are listed, never counted into the accuracy."""
-    scores, unmatched, seen = [], [], set()
+    scores, unmatched, answered = [], [], Counter()
     empty = 0
+    entries = annotations.entries if isinstance(annotations, TextVQAAnnotations) else Counter(dict.fromkeys(annotations, 1))
     for record in records:
         question_id = record.get("question_id")
         question = question_from_prompt(str(record.get("prompt", "")))
@@ -235,24 +269,30 @@ def score_textvqa(records: Iterable[dict], annotations: dict[tuple, list[str]]) 
         if key not in annotations:
             unmatched.append((str(question_id), f"no annotation for this image id and question {question!r}"))
             continue
+        if answered[key] >= entries[key]:
+            unmatched.append((str(question_id), f"{DUPLICATE} for question {question!r} (the first is scored)"))
+            continue
+        answered[key] += 1
         prediction = record.get("text")
         if not isinstance(prediction, str) or not prediction.strip():
             empty += 1
             prediction = ""
         scores.append(vqa_accuracy(prediction, annotations[key]))
-        seen.add(key)
     if unmatched:
         logger.warning(
-            f"{len(unmatched)} result(s) have no matching annotation and are left out of the accuracy; first: "
+            f"{len(unmatched)} result(s) are left out of the accuracy (no matching annotation, or a duplicate); first: "
             + "; ".join(f"{qid} ({reason})" for qid, reason in unmatched[:SHOWN_PROBLEMS])
         )
     if empty:
         logger.warning(f"{empty} empty prediction(s), scored 0.")
+    missing = sum(max(entries[key] - answered[key], 0) for key in annotations)
+    if missing:
+        logger.warning(f"{missing} annotated question(s) have no answer and are left out of the accuracy.")
     accuracy = 100.0 * sum(scores) / len(scores) if scores else 0.0
     return TextVQAScore(
         accuracy=accuracy,
         samples=len(scores),
         empty_predictions=empty,
         unmatched=unmatched,
-        annotations_without_result=len(set(annotations) - seen),
+        annotations_without_result=missing,
     )

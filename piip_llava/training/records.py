@@ -49,33 +49,60 @@ def load_llava_records(source) -> Sequence[dict]:
     """Records from a .json / .jsonl path, a list of dicts or a `datasets.Dataset` (kept as is).
 
     A `datasets.Dataset` is not converted: indexing it reads one row, and an image column of the
-    `Image` feature type is only decoded for the row being read.
+    `Image` feature type is only decoded for the row being read. A source without a single record
+    is refused: training on it would run 0 steps and still write a model.
     """
     if isinstance(source, (str, os.PathLike)):
-        return read_records_file(Path(source))
-    if isinstance(source, list):
-        return source
-    if is_hf_dataset(source):
+        records = read_records_file(Path(source))
+        where = f"Training data file {source}"
+    elif isinstance(source, list):
+        records, where = source, "The list of training records"
+    elif is_hf_dataset(source):
         if "conversations" not in source.column_names:
             raise ValueError(f"The dataset has no 'conversations' column; its columns are {source.column_names}.")
-        return source
-    raise ValueError(
-        f"Training records must be a path to a .json/.jsonl file, a list of dicts or a datasets.Dataset, "
-        f"got {type(source).__name__}."
-    )
+        records, where = source, "The training dataset"
+    else:
+        raise ValueError(
+            f"Training records must be a path to a .json/.jsonl file, a list of dicts or a datasets.Dataset, "
+            f"got {type(source).__name__}."
+        )
+    if len(records) == 0:
+        raise ValueError(f"{where} holds no training records; there is nothing to train on.")
+    return records
 
 
-def read_records_file(path: Path) -> list[dict]:
+def read_records_file(path: Path) -> list:
+    """The records of a .json list or a .jsonl file; an empty, truncated or malformed file is named in the error."""
     if not path.is_file():
         raise ValueError(f"Training data file {path} does not exist.")
     with open(path, encoding="utf-8") as handle:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in handle if line.strip()]
-        else:
-            records = json.load(handle)
+        text = handle.read()
+    if not text.strip():
+        raise ValueError(f"Training data file {path} is empty.")
+    if path.suffix == ".jsonl":
+        return [parse_json(line, path, line_number) for line_number, line in enumerate(text.splitlines(), start=1)
+                if line.strip()]
+    records = parse_json(text, path)
     if not isinstance(records, list):
-        raise TypeError(f"{path} must hold a JSON list of records (or one record per line with a .jsonl suffix).")
+        raise ValueError(  # noqa: TRY004 (the file is wrong, not the caller)
+            f"{path} must hold a JSON list of records (or one record per line with a .jsonl suffix), "
+            f"not a JSON {type(records).__name__}."
+        )
     return records
+
+
+def parse_json(text: str, path: Path, line_number: int | None = None) -> Any:
+    """`json.loads(text)`, or a ValueError naming the file, the line and what is wrong (e.g. a truncated file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        line = error.lineno if line_number is None else line_number
+        ends_early = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated")
+        where = f"{error.msg.removesuffix(' at')} at line {line}, column {error.colno}"
+        ending = " (the text ends too early: is the file truncated?)" if ends_early else ""
+        raise ValueError(
+            f"Training data file {path} is not valid JSON ({where}){ending}."
+        ) from None
 
 
 def is_hf_dataset(source) -> bool:

@@ -3,8 +3,8 @@
 `run_training` is the whole run: load the starting model and its processor, choose what trains,
 build the dataset, train (resuming if asked), save a `from_pretrained` directory with the
 processor beside it, and record what was trained and which samples were skipped. The Trainer
-subclass only adds what LLaVA adds to the stock one: a separate projector learning rate and
-batches grouped by modality and length.
+subclass adds what LLaVA adds to the stock one (a separate projector learning rate and batches
+grouped by modality and length) and makes sure a resumed run's samplers shuffle for the right epoch.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Trainer
-from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import logging
+from torch.utils.data import Sampler
+from transformers import AutoTokenizer, Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME, logging
 
 from ..models.piip.image_processing_piip import PIIPImageProcessor
 from ..models.piip_llava import PIIPLlavaForConditionalGeneration
@@ -32,10 +33,47 @@ logger = logging.get_logger(__name__)
 SKIPPED_SAMPLES_FILE = "skipped_samples.json"
 
 
+class SamplerEpochCallback(TrainerCallback):
+    """Tells every sampler under the training data loader which epoch begins, so it shuffles for that epoch.
+
+    The Trainer relies on accelerate to pass the epoch down, and accelerate loses the way when a
+    resumed run skips the epoch's first batches on several processes: the skipping wrapper hides the
+    per-process shard, so a sampler that shuffles by epoch (`ModalityLengthGroupedSampler`) keeps
+    epoch 0 and the rest of the resumed epoch replays epoch 0's order (some samples twice, others
+    never). The skipping loader reuses the samplers of the loader the callback is handed, so setting
+    their epoch here reaches the ones that are iterated.
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # Whole epochs done so far: a resumed state holds e.g. 1.375, a finished epoch exactly 1.0.
+        epoch = int(state.epoch or 0)
+        for sampler in samplers_under(train_dataloader):
+            sampler.set_epoch(epoch)
+
+
+def samplers_under(loader) -> list[Sampler]:
+    """The samplers with a `set_epoch` reachable from a data loader through its (batch) sampler wrappers."""
+    found, pending, seen = [], [loader], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, Sampler) and callable(getattr(current, "set_epoch", None)):
+            found.append(current)
+        pending += [getattr(current, name, None) for name in ("sampler", "batch_sampler")]
+    return found
+
+
 class PIIPLlavaTrainer(Trainer):
-    """The HF Trainer with LLaVA's two additions: `projector_lr` and modality/length-grouped batches."""
+    """The HF Trainer with LLaVA's additions, `projector_lr` and modality/length-grouped batches, and
+    a resumed run that sees the samples of an uninterrupted one whatever the sampler (`SamplerEpochCallback`)."""
 
     args: PIIPLlavaTrainingArguments
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(SamplerEpochCallback)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """The default optimizer, with the projector's parameters in groups of their own at `projector_lr`.
@@ -186,23 +224,104 @@ def warn_if_workers_hide_skips(options: StageOptions, args: PIIPLlavaTrainingArg
 
 
 def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str | Path) -> str | None:
-    """The checkpoint to resume from: `resume` itself if it is a path, the newest checkpoint-* if True.
+    """The checkpoint to resume from: `resume` itself if it is a path, the newest complete checkpoint-* if True.
 
     `--resume` with nothing found starts a fresh run (with a warning), so the same command works
-    for the first launch and every relaunch after an interruption.
+    for the first launch and every relaunch after an interruption. A checkpoint a kill left
+    half-written (see `checkpoint_problem`) is passed over for the one before it, with a warning.
     """
     if not resume:
         return None
     if isinstance(resume, str) and resume != "auto":
         if not Path(resume).is_dir():
             raise ValueError(f"Checkpoint to resume from {resume} does not exist.")
+        problem = checkpoint_problem(resume)
+        if problem is not None:
+            raise ValueError(f"Checkpoint {resume} is incomplete ({problem}); resume from an earlier one, "
+                             f"or pass --resume alone to take the newest complete one.")
         return resume
-    last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
-    if last is None:
-        logger.warning(f"--resume: no checkpoint-* in {output_dir}; starting from the beginning.")
-    else:
-        logger.info(f"Resuming from {last}.")
-    return last
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=checkpoint_step, reverse=True)
+    for checkpoint in checkpoints:
+        if checkpoint_step(checkpoint) < 0 or not checkpoint.is_dir():
+            continue
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            logger.info(f"Resuming from {checkpoint}.")
+            return str(checkpoint)
+        logger.warning(f"--resume: {checkpoint} is incomplete ({problem}), probably written when the run was "
+                       f"stopped; passing over it for the checkpoint before it.")
+    logger.warning(f"--resume: no complete checkpoint-* in {output_dir}; starting from the beginning.")
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint-N directory; -1 for anything else."""
+    suffix = path.name.removeprefix("checkpoint-")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """What makes a Trainer checkpoint unusable for resuming, or None when it is complete.
+
+    The Trainer writes the weights, then the optimizer, scheduler and RNG states, and
+    `trainer_state.json` last: without a readable state file the save did not finish. Weight files
+    are also checked against the sizes their safetensors headers promise, so a truncated one is
+    caught here rather than halfway through loading.
+    """
+    checkpoint = Path(checkpoint)
+    state_file = checkpoint / TRAINER_STATE_NAME
+    if not state_file.is_file():
+        return f"no {TRAINER_STATE_NAME}"
+    try:
+        json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{TRAINER_STATE_NAME} is not valid JSON"
+    weight_files = weight_files_of(checkpoint)
+    if not weight_files:
+        return "no model weights"
+    for weight_file in weight_files:
+        if not weight_file.is_file():
+            return f"{weight_file.name} is missing"
+        problem = safetensors_size_problem(weight_file)
+        if problem is not None:
+            return problem
+    return None
+
+
+def weight_files_of(checkpoint: Path) -> list[Path]:
+    """The weight files a checkpoint holds or, through a safetensors index, promises."""
+    index = checkpoint / f"{SAFE_WEIGHTS_NAME}.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            return [index]
+        return [checkpoint / shard for shard in sorted(shards)]
+    return [checkpoint / name for name in (SAFE_WEIGHTS_NAME, "adapter_model.safetensors", "pytorch_model.bin")
+            if (checkpoint / name).is_file()]
+
+
+def safetensors_size_problem(path: Path) -> str | None:
+    """Whether a .safetensors file is shorter than its header says (a write cut short), or unreadable."""
+    if path.suffix != ".safetensors":
+        return None if path.stat().st_size > 0 else f"{path.name} is empty"
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"{path.name} is truncated ({size} bytes)"
+        header_length = int.from_bytes(prefix, "little")
+        if 8 + header_length > size:
+            return f"{path.name} is truncated ({size} bytes, header of {header_length})"
+        try:
+            header = json.loads(handle.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{path.name} has an unreadable header"
+    data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    expected = 8 + header_length + data_end
+    if size < expected:
+        return f"{path.name} is truncated ({size} of {expected} bytes)"
+    return None
 
 
 def gather_skipped(dataset: LlavaSupervisedDataset) -> dict[int, tuple[str, str]]:
