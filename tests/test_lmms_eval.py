@@ -25,6 +25,7 @@ else:
 from piip_llava.cli import main
 from piip_llava.evaluation.answers_file import read_answers
 from piip_llava.evaluation.lmms.model import BUNDLED_MODEL_DIR, PIIPLlava, PIIPLlavaChat
+from piip_llava.evaluation.mmbench import OPTION_LETTERS, load_mmbench_items, read_mmbench_dataset
 from piip_llava.synthetic.export import export_dataset
 
 EVAL_IMAGES = 8
@@ -42,25 +43,34 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lmms_run(data):
-    """One `python -m lmms_eval` run of both tasks, with logged samples; returns its results and sample files."""
+def task_dir(data):
     lmms_lab = data / "synthetic/eval/lmms-lab"
     assert main(["lmms-tasks", "--out", str(data / "tasks"), "--textvqa", str(lmms_lab / "textvqa"),
                  "--mmbench", str(lmms_lab / "mmbench")]) == 0
-    output = data / "lmms_output"
+    return data / "tasks"
+
+
+def run_lmms_eval(task_dir, output, tasks, *extra):
+    """`python -m lmms_eval` on our tasks with the demo model; returns its results and its sample files per task."""
     command = [sys.executable, "-m", "lmms_eval", "--model", "piip_llava", "--model_args",
-               f"pretrained={BUNDLED_MODEL_DIR},device=cpu", "--include_path", str(data / "tasks"),
-               "--tasks", ",".join(TASKS), "--batch_size", str(BATCH_SIZE), "--output_path", str(output),
-               "--log_samples", "--verbosity", "WARNING"]
+               f"pretrained={BUNDLED_MODEL_DIR},device=cpu", "--include_path", str(task_dir),
+               "--tasks", ",".join(tasks), "--batch_size", str(BATCH_SIZE), "--output_path", str(output),
+               "--log_samples", "--verbosity", "WARNING", *extra]
     completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900,
-                               env={**os.environ, **OFFLINE, "HF_HOME": str(data / "hf_home")})
+                               env={**os.environ, **OFFLINE, "HF_HOME": str(output / "hf_home")})
     # lmms-eval exits 0 even when an evaluation fails: the results file is what tells.
     results_files = sorted(output.rglob("*_results.json"))
     assert results_files, f"lmms-eval wrote no results (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n" \
                           f"{completed.stderr[-6000:]}"
     results = json.loads(results_files[-1].read_text())["results"]
-    samples = {task: next(output.rglob(f"*_samples_{task}.jsonl")) for task in TASKS}
-    return results, samples
+    assert set(results) == set(tasks), completed.stderr[-6000:]
+    return results, {task: next(output.rglob(f"*_samples_{task}.jsonl")) for task in tasks}
+
+
+@pytest.fixture(scope="module")
+def lmms_run(data, task_dir):
+    """One run of both generation tasks through the chat interface (lmms-eval's default for piip_llava)."""
+    return run_lmms_eval(task_dir, data / "lmms_output", TASKS)
 
 
 def test_lmms_eval_finds_the_model_by_its_entry_point():
@@ -129,11 +139,29 @@ def test_loglikelihood_is_our_likelihood_score(data, rgb_image):
     requests = [Instance("loglikelihood", ("What colour is the circle?", f" {choice}", lambda doc: [doc["image"]], 0,
                                            "task", "test"), idx=n, metadata={"task": "task", "doc_id": 0, "repeats": 1})
                 for n, choice in enumerate(choices)]
-    answers = model.loglikelihood(requests)
+    answers = [result.text for result in model.loglikelihood(requests)]
     [expected] = score_replies(model.model, model.processor, ["What colour is the circle?"], [rgb_image.convert("RGB")],
                                [choices])
-    assert answers == [(score.log_likelihood, score.is_greedy) for score in expected]
-    assert all(log_likelihood < 0 for log_likelihood, _ in answers)
+    # Negative log-likelihoods: lmms-eval's multiple-choice scoring takes the smallest.
+    assert answers == [(-score.log_likelihood, score.is_greedy) for score in expected]
+    assert all(value > 0 for value, _ in answers)
+
+
+def test_a_multiple_choice_task_answers_as_our_likelihood_protocol(data, task_dir, tmp_path):
+    """lmms-eval's own multiple-choice scoring (simple interface) picks the options `--answer-by likelihood` picks."""
+    task = "piip_mmbench_en_dev_likelihood"
+    results, _ = run_lmms_eval(task_dir, tmp_path / "lmms_output", [task], "--force_simple")
+    dataset = str(data / "synthetic/eval/lmms-lab/mmbench")
+    answers = tmp_path / "likelihood.jsonl"
+    main(["eval", "mmbench", "--model-path", str(BUNDLED_MODEL_DIR), "--device", "cpu", "--dataset", dataset,
+          "--answers-file", str(answers), "--answer-by", "likelihood", "--batch-size", str(BATCH_SIZE)])
+    items = {item.key: item for item in load_mmbench_items(read_mmbench_dataset(dataset))[0]}
+    records = read_answers(answers).records
+    assert len(records) == len(items) == 4 * EVAL_IMAGES
+    right = [items[(r["question_id"], r["round_id"])].options.index(r["text"])
+             == OPTION_LETTERS.index(items[(r["question_id"], r["round_id"])].answer) for r in records]
+    assert results[task]["acc,none"] == pytest.approx(sum(right) / len(right))
+    assert results[task]["acc,none"] > 0.25  # better than guessing among four
 
 
 def test_a_broken_image_costs_its_document_only(rgb_image):
@@ -167,4 +195,5 @@ def test_sampling_is_refused_with_a_clear_error(rgb_image):
 def test_packaged_task_definitions_are_installed():
     from piip_llava.evaluation.lmms import TASKS_DIR
 
-    assert {path.name for path in Path(TASKS_DIR).iterdir()} >= {"_piip_textvqa_yaml", "_piip_mmbench_yaml"}
+    assert {path.name for path in Path(TASKS_DIR).iterdir()} >= {"_piip_textvqa_yaml", "_piip_mmbench_yaml",
+                                                             "_piip_mmbench_likelihood_yaml"}

@@ -42,14 +42,15 @@ def add_parser(subparsers) -> None:
 
 
 def run_lmms_tasks(args) -> int:
-    from .task_files import MMBENCH_TASK, TEXTVQA_TASK, write_task_file
+    from .task_files import MMBENCH_LIKELIHOOD_TASK, MMBENCH_TASK, TEXTVQA_TASK, write_task_file
 
     if args.textvqa is None and args.mmbench is None:
         print("error: give --textvqa and/or --mmbench.", file=sys.stderr)
         return 2
     try:
         for task, dataset, split in ((TEXTVQA_TASK, args.textvqa, args.textvqa_split),
-                                     (MMBENCH_TASK, args.mmbench, args.mmbench_split)):
+                                     (MMBENCH_TASK, args.mmbench, args.mmbench_split),
+                                     (MMBENCH_LIKELIHOOD_TASK, args.mmbench, args.mmbench_split)):
             if dataset is not None:
                 print(f"{task.name}: {write_task_file(args.out, task, dataset, split)}")
     except ValueError as error:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm.auto import tqdm
@@ -170,12 +170,19 @@ class PIIPLlava(lmms):
         progress.close()
         return answers
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """(log P(continuation | image, context), whether greedy decoding writes it), per request.
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """(-log P(continuation | image, context), whether greedy decoding writes it), per request.
 
         The continuation is scored as the assistant's whole reply under the chat template (leading
         whitespace, lmms-eval's target delimiter, removed), as `piip-llava eval --answer-by likelihood`
-        scores options; the choices of one question share one encoding of its image and prompt.
+        scores options; the choices of one question share one encoding of its image and prompt. The
+        value is the negative log-likelihood, summed over the reply's tokens: lmms-eval's multiple-choice
+        scoring picks the choice with the smallest value (its own models return a loss), so the most
+        likely choice wins. A question whose image cannot be read gets +inf for every choice, and is logged.
+
+        Each pair is returned wrapped in a `GenerationResult`: lmms-eval 0.7.3 passes every model output
+        through `unwrap_generation_output`, which turns a bare (float, bool) tuple into its string (and its
+        multiple-choice scoring then fails); a GenerationResult's payload reaches the task unchanged.
         """
         questions: dict[tuple, list[int]] = {}
         for index, request in enumerate(requests):
@@ -186,21 +193,30 @@ class PIIPLlava(lmms):
         progress = tqdm(total=len(keys), desc="piip_llava scoring", disable=self.rank != 0)
         for start in range(0, len(keys), self.batch_size):
             batch = keys[start : start + self.batch_size]
-            contexts, images, replies = [], [], []
-            for task, split, doc_id, context in batch:
-                first = requests[questions[(task, split, doc_id, context)][0]]
-                document = self.document(task, split, doc_id)
+            usable, contexts, images, replies = [], [], [], []
+            for key in batch:
+                task, split, doc_id, context = key
+                first = requests[questions[key][0]]
+                try:
+                    document = self.document(task, split, doc_id)
+                    image = only_image(first.args[2](document), f"{task} document {doc_id}")
+                except (OSError, TypeError, ValueError) as error:
+                    logger.error(f"{task} document {doc_id}: the image cannot be read ({type(error).__name__}: "
+                                 f"{error}); every choice scored +inf.")
+                    for index in questions[key]:
+                        results[index] = (float("inf"), False)
+                    continue
+                usable.append(key)
                 contexts.append(context)
-                images.append(only_image(first.args[2](document), f"{task} document {doc_id}"))
-                replies.append([self.continuation(requests[index], document).lstrip()
-                                for index in questions[(task, split, doc_id, context)]])
-            scores = score_replies(self.model, self.processor, contexts, images, replies)
-            for key, row in zip(batch, scores):
+                images.append(image)
+                replies.append([self.continuation(requests[index], document).lstrip() for index in questions[key]])
+            scores = score_replies(self.model, self.processor, contexts, images, replies) if usable else []
+            for key, row in zip(usable, scores):
                 for index, score in zip(questions[key], row):
-                    results[index] = (score.log_likelihood, score.is_greedy)
+                    results[index] = (-score.log_likelihood, score.is_greedy)
             progress.update(len(batch))
         progress.close()
-        return results
+        return [GenerationResult(text=pair) for pair in results]
 
     @staticmethod
     def continuation(request: Instance, document: dict) -> str:

@@ -30,6 +30,8 @@ class TaskDefinition:
 
 TEXTVQA_TASK = TaskDefinition("piip_textvqa_val", "_piip_textvqa_yaml", TEXTVQA_SPLIT)
 MMBENCH_TASK = TaskDefinition("piip_mmbench_en_dev", "_piip_mmbench_yaml", MMBENCH_SPLIT)
+MMBENCH_LIKELIHOOD_TASK = TaskDefinition("piip_mmbench_en_dev_likelihood", "_piip_mmbench_likelihood_yaml",
+                                         MMBENCH_SPLIT)
 
 
 def dataset_source(dataset_path: str | os.PathLike, split: str) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from ..local_datasets import require_columns
 from ..mmbench import (
     ANSWER_INSTRUCTIONS,
+    OPTION_LETTERS,
     MMBenchItem,
     load_mmbench_items,
     mmbench_table_from_dataset,
@@ -87,6 +88,16 @@ def mmbench_doc_to_visual(doc: dict) -> list:
 
 def mmbench_doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
     return f"{mmbench_item(doc).prompt}\n{ANSWER_INSTRUCTIONS['en']}"
+
+
+def mmbench_doc_to_choice(doc: dict) -> list[str]:
+    """The options' texts, in the round's order: what `piip-llava eval mmbench --answer-by likelihood` scores."""
+    return list(doc["options"])
+
+
+def mmbench_doc_to_target(doc: dict) -> int:
+    """The position of the right option in the round (its answer is the letter shown with it)."""
+    return OPTION_LETTERS.index(doc["answer"])
 
 
 def mmbench_process_results(doc: dict, results: list[str]) -> dict:
