@@ -116,6 +116,21 @@ def test_an_undecodable_image_is_skipped_naming_its_row_and_the_rest_is_scored(t
     assert [r["question_id"] for r in read_answers(tmp_path / "answers.jsonl").records] == ["img0", "img1", "img3"]
 
 
+def test_an_mmbench_row_with_a_broken_image_is_skipped_and_the_other_questions_scored(tiny_model_dir, synthetic_eval,
+                                                                                    tmp_path):
+    split = datasets.load_dataset("parquet", data_files=str(synthetic_eval / "eval/lmms-lab/mmbench/*.parquet"),
+                                  split="train", features=None)
+    rows = split.cast_column("image", datasets.Image(decode=False)).to_list()
+    rows[1]["image"] = {"bytes": b"\x89PNG broken", "path": None}
+    datasets.Dataset.from_list(rows, features=split.features).to_parquet(str(tmp_path / "dev.parquet"))
+    metrics = metrics_of(["eval", "mmbench", "--model-path", str(tiny_model_dir), "--dataset", str(tmp_path / "dev.parquet"),
+                          "--answers-file", str(tmp_path / "answers.jsonl"), "--max-new-tokens", "2",
+                          "--batch-size", "4"], tmp_path, "metrics")
+    assert metrics["skipped_inputs"] == 4  # the four rounds of the broken row's question
+    assert all("row 1:" in example["reason"] for example in metrics["skipped_examples"])
+    assert metrics["samples"] == EVAL_IMAGES - 1 and metrics["unanswered_questions"] == 1
+
+
 def test_a_missing_column_is_a_clear_error_naming_it(tiny_model_dir, tmp_path, capsys):
     rows = [{key: value for key, value in row.items() if key != "question"} for row in lmms_lab_textvqa_rows()]
     datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "t.parquet"))
