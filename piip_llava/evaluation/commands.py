@@ -6,6 +6,7 @@ Examples:
     torchrun --nproc_per_node 8 -m piip_llava eval mmbench --model-path ckpt \\
         --question-file mmbench_dev_20230712.tsv --answers-file out/mmbench.jsonl
     piip-llava score textvqa --annotation-file TextVQA_0.5.1_val.json --result-file out/textvqa.jsonl
+    piip-llava eval mmbench --model-path ckpt --dataset lmms-lab/MMBench/en --answers-file out/mmbench.jsonl
 
 Exit status: 0 on success, 1 when some answers match no question (they are listed, and left out of
 the accuracy), 2 on a usage error.

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..generation import complete_prompts, default_device, load_model_and_processor
+from ..generation import complete_prompts, load_model_and_processor
 from ..likelihood import score_replies
 
 logger = logging.get_logger(__name__)
@@ -104,7 +104,7 @@ class PIIPLlava(lmms):
     Model arguments (`--model_args`): `pretrained` (a PIIP-LLaVA directory; default: the bundled demo
     model), `device` (default: the GPU of this process if there is one, else the CPU), `dtype` (auto,
     float32, float16, bfloat16), `batch_size` (also set by `--batch_size`), `max_new_tokens` (used when
-    the task sets none).
+    the task sets none). lmms-eval's `--max_batch_size` is accepted and unused: batches have a fixed size.
     """
 
     is_simple = True
@@ -123,8 +123,7 @@ class PIIPLlava(lmms):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         self.max_new_tokens = int(max_new_tokens)
         self.pretrained = str(pretrained or BUNDLED_MODEL_DIR)
-        self.model, self.processor = load_model_and_processor(self.pretrained, device=device or default_device(),
-                                                              dtype=dtype)
+        self.model, self.processor = load_model_and_processor(self.pretrained, device=device, dtype=dtype)
 
     def document(self, task: str, split: str, doc_id: int) -> dict:
         return self.task_dict[task][split][doc_id]
