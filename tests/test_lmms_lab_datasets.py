@@ -185,5 +185,11 @@ def test_task_files_name_the_local_dataset_in_each_form(synthetic_eval, tmp_path
     datasets.DatasetDict({"dev": split}).save_to_disk(str(tmp_path / "dict"))
     assert dataset_source(tmp_path / "single", "validation")["dataset_path"] == "arrow"
     assert dataset_source(tmp_path / "dict", "dev")["dataset_kwargs"] == {"load_from_disk": True}
+    for language in ("en", "cn"):
+        split.to_parquet(str(tmp_path / "MMBench" / language / "dev-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match=r"several folders \['cn', 'en'\]; give the one folder"):
+        dataset_source(tmp_path / "MMBench", "dev")
+    assert dataset_source(tmp_path / "MMBench" / "en", "dev")["dataset_kwargs"]["data_files"]["dev"] == \
+        [str(tmp_path / "MMBench" / "en" / "dev-00000-of-00001.parquet")]
     with pytest.raises(ValueError, match="no split 'validation'"):
         dataset_source(tmp_path / "dict", MMBENCH_TASK.default_split.replace("dev", "validation"))

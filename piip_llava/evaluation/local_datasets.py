@@ -43,7 +43,13 @@ def parquet_files(dataset_path: Path, split: str) -> list[str]:
     if not files:
         raise ValueError(f"No parquet files under {dataset_path}.")
     of_split = [path for path in files if path.name.startswith(f"{split}-") or path.stem == split]
-    return [str(path) for path in (of_split or files)]
+    chosen = of_split or files
+    folders = sorted({str(path.parent.relative_to(dataset_path)) for path in chosen})
+    if len(folders) > 1:
+        # lmms-lab/MMBench keeps each language in a folder of its own (en/, cn/, cc/): never mix them.
+        raise ValueError(f"{dataset_path} holds parquet files of split {split!r} in several folders {folders}; "
+                         "give the one folder to read (e.g. the en/ folder of lmms-lab/MMBench).")
+    return [str(path) for path in chosen]
 
 
 def require_columns(dataset, required: Sequence[str], dataset_path, what: str) -> None:
