@@ -197,3 +197,9 @@ def test_packaged_task_definitions_are_installed():
 
     assert {path.name for path in Path(TASKS_DIR).iterdir()} >= {"_piip_textvqa_yaml", "_piip_mmbench_yaml",
                                                              "_piip_mmbench_likelihood_yaml"}
+
+
+def test_more_than_one_process_is_refused_rather_than_answering_everything_twice(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="runs in one process"):
+        PIIPLlava(pretrained=str(BUNDLED_MODEL_DIR), device="cpu")

@@ -16,6 +16,7 @@ answer is scored as wrong.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,9 @@ class PIIPLlava(lmms):
                  batch_size: int | str = 1, max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS,
                  max_batch_size: int | str | None = None, **unknown) -> None:
         super().__init__()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("piip_llava runs in one process under lmms-eval (every process would answer every "
+                             "question); run lmms-eval without accelerate launch, or shard `piip-llava eval`.")
         if unknown:
             raise ValueError(f"Unknown piip_llava model argument(s) {sorted(unknown)}; known: pretrained, device, "
                              "dtype, batch_size, max_new_tokens.")
