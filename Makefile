@@ -10,7 +10,7 @@ MODEL ?=
 PUBLISHED := clip-l14_336 clip-bl_512-256 convnext-b_clip-l_640-224 clip-bl_512-448 \
 	convnext-b_clip-l_1024-336 convnext-l_clip-l_1024-336
 
-.PHONY: demo chat test lint demo-model experiment
+.PHONY: demo chat test test-lmms lint demo-model experiment
 
 $(VENV)/installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,22 @@ chat: $(VENV)/installed
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests
+
+# lmms-eval in an environment of its own, beside the CPU torch: its requirements would otherwise pull a newer
+# torchvision and, with it, a CUDA torch over ours (constraints-lmms.txt and docs/lmms_eval.md say what is pinned).
+LMMS_VENV := .venv-lmms
+$(LMMS_VENV)/installed: setup.py constraints-lmms.txt
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(LMMS_VENV)/bin/python -m pip install --quiet -c constraints-lmms.txt -e ".[lmms]" "pytest>=8"
+	# PyPI's torchvision is a CUDA build that cannot load beside the CPU torch; nothing on this path imports it.
+	$(LMMS_VENV)/bin/python -m pip uninstall --quiet --yes torchvision
+	$(LMMS_VENV)/bin/python -c "import torch, lmms_eval.evaluator; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $@
+
+# The lmms-eval tests, for real: the bundled demo model through `python -m lmms_eval` (a few minutes).
+test-lmms: $(LMMS_VENV)/installed
+	PIIP_LLAVA_LMMS_TESTS=required $(LMMS_VENV)/bin/python -m pytest -q tests/test_lmms_eval.py
 
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check piip_llava tests scripts benchmarks eval

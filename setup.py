@@ -12,7 +12,11 @@ setup(
     packages=find_packages(include=["piip_llava", "piip_llava.*"]) + ["piip_llava.configs"],
     package_dir={"piip_llava.configs": "configs"},
     include_package_data=True,
-    package_data={"piip_llava": ["assets/**/*"], "piip_llava.configs": ["*.json"]},
+    package_data={
+        "piip_llava": ["assets/**/*"],
+        "piip_llava.configs": ["*.json"],
+        "piip_llava.evaluation.lmms": ["tasks/*"],
+    },
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned by the install step (see README): a bare requirement would pull a CUDA build.
@@ -35,6 +39,13 @@ setup(
         "dev": ["deepspeed>=0.16", "pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
         "experiments": ["matplotlib>=3.7"],
         "gpu": ["flash-attn>=2.6"],
+        # lmms-eval 0.7's evaluator patches filelock._api, which filelock 4 removed. On a CPU-only machine install
+        # with constraints-lmms.txt, then remove torchvision (docs/lmms_eval.md): lmms-eval pulls a CUDA build.
+        "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock>=3.16,<4"],
     },
-    entry_points={"console_scripts": ["piip-llava=piip_llava.cli:main"]},
+    entry_points={
+        "console_scripts": ["piip-llava=piip_llava.cli:main"],
+        # lmms-eval finds `--model piip_llava` here (no --include_path for the model).
+        "lmms_eval.models": ["piip_llava=piip_llava.evaluation.lmms:model_manifest"],
+    },
 )

@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "piip_llava.commands.chat",
     "piip_llava.commands.train",
     "piip_llava.evaluation.commands",
+    "piip_llava.evaluation.lmms.commands",
     "piip_llava.commands.convert",
     "piip_llava.commands.flops",
     "piip_llava.commands.bench",

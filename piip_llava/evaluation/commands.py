@@ -6,6 +6,7 @@ Examples:
     torchrun --nproc_per_node 8 -m piip_llava eval mmbench --model-path ckpt \\
         --question-file mmbench_dev_20230712.tsv --answers-file out/mmbench.jsonl
     piip-llava score textvqa --annotation-file TextVQA_0.5.1_val.json --result-file out/textvqa.jsonl
+    piip-llava eval mmbench --model-path ckpt --dataset lmms-lab/MMBench/en --answers-file out/mmbench.jsonl
 
 Exit status: 0 on success, 1 when some answers match no question (they are listed, and left out of
 the accuracy), 2 on a usage error.
@@ -48,15 +49,28 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def add_textvqa_sources(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question-file", default=None, help="LLaVA's llava_textvqa_val_v051_ocr.jsonl.")
     parser.add_argument("--image-folder", default=None, help="TextVQA train_images folder.")
-    parser.add_argument("--dataset", default=None, help="Local datasets folder or parquet file instead of JSONL.")
-    parser.add_argument("--split", default="train", help="Split of a save_to_disk DatasetDict.")
-    parser.add_argument("--id-column", default="question_id",
-                        help="Dataset column written as question_id (LLaVA's scorer expects the image id).")
-    parser.add_argument("--annotation-file", default=None, help="TextVQA_0.5.1_val.json; without it, no score.")
+    add_textvqa_dataset_arguments(parser)
+    parser.add_argument("--annotation-file", default=None,
+                        help="TextVQA_0.5.1_val.json; without it, a --dataset's own answers column, else no score.")
+
+
+def add_textvqa_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None,
+                        help="Local copy of lmms-lab/textvqa (or any dataset with an image, an id and a question "
+                        "column): a save_to_disk folder, a parquet file or a folder of parquet files.")
+    parser.add_argument("--split", default="validation",
+                        help="Split of a save_to_disk DatasetDict, or of hub-named parquet files.")
+    parser.add_argument("--id-column", default=None,
+                        help="Dataset column written as question_id (default: image_id if the dataset has it, as "
+                        "LLaVA's scorer matches by image id, else question_id).")
 
 
 def add_mmbench_sources(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--question-file", required=True, help="The MMBench TSV (e.g. mmbench_dev_20230712.tsv).")
+    parser.add_argument("--question-file", default=None, help="The MMBench TSV (e.g. mmbench_dev_20230712.tsv).")
+    parser.add_argument("--dataset", default=None,
+                        help="Local copy of lmms-lab/MMBench instead of a TSV: a save_to_disk folder, a parquet file "
+                        "or a folder of parquet files (e.g. the en/ folder).")
+    parser.add_argument("--split", default="dev", help="Split of a save_to_disk DatasetDict, or of hub-named files.")
     parser.add_argument("--rounds", default="auto", choices=["auto", "rotate", "rows"],
                         help="rotate: ask every rotation of each row; rows: the TSV already holds the rotated "
                         "copies (index + k*1e6); auto: rows if such indices exist, else rotate.")
@@ -103,7 +117,10 @@ def add_parser(subparsers) -> None:
     score_parser = subparsers.add_parser("score", help="Score an existing answers file.")
     score_commands = score_parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     textvqa = score_commands.add_parser("textvqa", help="LLaVA's eval_textvqa.py protocol.")
-    textvqa.add_argument("--annotation-file", required=True, help="TextVQA_0.5.1_val.json (the human answers).")
+    textvqa.add_argument(
+        "--annotation-file", default=None, help="TextVQA_0.5.1_val.json (the human answers); or give --dataset."
+    )
+    add_textvqa_dataset_arguments(textvqa)
     textvqa.add_argument("--result-file", required=True, help="JSONL answers to score (ours or LLaVA's).")
     textvqa.add_argument("--metrics-file", default=None, help="Write the scores as JSON here.")
     textvqa.set_defaults(handler=reporting_usage_errors(run_score_textvqa))
@@ -217,10 +234,20 @@ def read_result_file(result_file: str):
     return content
 
 
-def textvqa_result(annotation_file: str, result_file: str, metrics_file: str | None, problems: list) -> int:
-    from .textvqa import load_annotations, score_textvqa
+def textvqa_annotations(args) -> dict | None:
+    """The human answers to score with: the annotation file, else the --dataset's answers column, else None."""
+    from .textvqa import annotations_from_dataset, load_annotations
 
-    annotations = load_annotations(annotation_file)
+    if args.annotation_file is not None:
+        return load_annotations(args.annotation_file)
+    if args.dataset is not None:
+        return annotations_from_dataset(args.dataset, args.split, args.id_column)
+    return None
+
+
+def textvqa_result(annotations: dict, result_file: str, metrics_file: str | None, problems: list) -> int:
+    from .textvqa import score_textvqa
+
     content = read_result_file(result_file)
     score = score_textvqa(content.records, annotations)
     print(Path(result_file).stem)
@@ -271,16 +298,26 @@ def run_eval_textvqa(args) -> int:
     ready, skipped = generate_and_merge(args, requests, KEY_FIELDS, "TextVQA", provenance)
     if not ready:
         return 0
-    if args.annotation_file is None:
-        print(f"Answers in {args.answers_file}; no --annotation-file, so no score.")
+    if args.annotation_file is None and (args.dataset is None or not dataset_has_answers(args)):
+        print(f"Answers in {args.answers_file}; no --annotation-file and no answers column, so no score.")
         return 0
-    return textvqa_result(args.annotation_file, args.answers_file, args.metrics_file, loaded.skipped + skipped)
+    return textvqa_result(textvqa_annotations(args), args.answers_file, args.metrics_file, loaded.skipped + skipped)
+
+
+def dataset_has_answers(args) -> bool:
+    from .local_datasets import load_local_dataset
+
+    return "answers" in load_local_dataset(args.dataset, args.split).column_names
 
 
 def mmbench_inputs(args):
-    from .mmbench import load_mmbench_items, read_mmbench_table
+    from .mmbench import load_mmbench_items, read_mmbench_dataset, read_mmbench_table
 
-    table = read_mmbench_table(args.question_file)
+    if (args.question_file is None) == (args.dataset is None):
+        raise ValueError("Give exactly one question source: --question-file (an MMBench TSV) or --dataset "
+                         "(a local copy of lmms-lab/MMBench).")
+    table = read_mmbench_table(args.question_file) if args.dataset is None else read_mmbench_dataset(args.dataset,
+                                                                                                    args.split)
     items, skipped = load_mmbench_items(table, rounds=args.rounds)
     if getattr(args, "limit", None) is not None:
         kept_groups = set(list(dict.fromkeys(item.group_id for item in items))[: args.limit])
@@ -303,7 +340,9 @@ def run_eval_mmbench(args) -> int:
 
 
 def run_score_textvqa(args) -> int:
-    return textvqa_result(args.annotation_file, args.result_file, args.metrics_file, [])
+    if (args.annotation_file is None) == (args.dataset is None):
+        raise ValueError("Give exactly one source of human answers: --annotation-file or --dataset.")
+    return textvqa_result(textvqa_annotations(args), args.result_file, args.metrics_file, [])
 
 
 def run_score_mmbench(args) -> int:

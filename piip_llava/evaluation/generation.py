@@ -53,11 +53,16 @@ def chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template([user_turn(question)], add_generation_prompt=True, tokenize=False)
 
 
-@torch.inference_mode()
 def answer_batch(model, processor, questions: Sequence[str], images: Sequence[Image.Image], max_new_tokens: int):
-    """Greedy answers for one batch, decoded from the newly generated tokens only."""
+    """Greedy answers for one batch of questions, each asked about its image in one user turn."""
     prompts = [chat_prompt(processor, question) for question in questions]
-    inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
+    return complete_prompts(model, processor, prompts, images, max_new_tokens)
+
+
+@torch.inference_mode()
+def complete_prompts(model, processor, prompts: Sequence[str], images: Sequence[Image.Image], max_new_tokens: int):
+    """Greedy continuations of rendered chat prompts (one image each), decoded from the new tokens only."""
+    inputs = processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True)
     inputs = inputs.to(model.device, dtype=model.dtype)
     output_ids = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
     new_tokens = output_ids[:, inputs["input_ids"].shape[1]:]

@@ -12,11 +12,20 @@ answer with a letter; it is reported beside the generation score, never in its p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from .generation import chat_prompt, user_turn
+
+
+@dataclass(frozen=True)
+class ReplyScore:
+    """How likely a reply is as the assistant's whole turn, and whether greedy decoding would write it."""
+
+    log_likelihood: float
+    is_greedy: bool
 
 
 def conversation_with_reply(processor, question: str, reply: str) -> str:
@@ -61,22 +70,27 @@ def prompts_and_reply_ids(processor, questions: Sequence[str],
 
 
 def summed_reply_log_probabilities(first_token: torch.Tensor, later_tokens: torch.Tensor, question_of_row: torch.Tensor,
-                                   reply_ids: list[list[int]]) -> list[float]:
-    """Per reply row: log P(first token) from its prompt's last position, plus its later tokens' log-probabilities."""
+                                   reply_ids: list[list[int]]) -> list[ReplyScore]:
+    """Per reply row: log P(first token) from its prompt's last position plus its later tokens' log-probabilities,
+    and whether greedy decoding picks each of its tokens."""
     scores = []
     for row, ids in enumerate(reply_ids):
-        total = first_token[question_of_row[row], ids[0]]
+        first = first_token[question_of_row[row]]
+        total = first[ids[0]]
+        greedy = bool(first.argmax() == ids[0])
         if len(ids) > 1:
             steps = torch.arange(len(ids) - 1, device=later_tokens.device)
-            total = total + later_tokens[row, steps, torch.tensor(ids[1:], device=later_tokens.device)].sum()
-        scores.append(total.item())
+            later_ids = torch.tensor(ids[1:], device=later_tokens.device)
+            total = total + later_tokens[row, steps, later_ids].sum()
+            greedy = greedy and bool((later_tokens[row, steps].argmax(dim=-1) == later_ids).all())
+        scores.append(ReplyScore(log_likelihood=total.item(), is_greedy=greedy))
     return scores
 
 
 @torch.inference_mode()
-def reply_log_likelihoods(model, processor, questions: Sequence[str], images: Sequence[Image.Image],
-                          replies: Sequence[Sequence[str]]) -> list[list[float]]:
-    """log P(reply | image, question) for each question's replies, as whole assistant turns.
+def score_replies(model, processor, questions: Sequence[str], images: Sequence[Image.Image],
+                  replies: Sequence[Sequence[str]]) -> list[list[ReplyScore]]:
+    """log P(reply | image, question) for each question's replies, as whole assistant turns, and greediness.
 
     Two forward passes: the prompts (left-padded, images and all), then every reply at once, each row
     continuing its question's key/value cache (repeated once per reply) and right-padded after it. The
@@ -111,6 +125,12 @@ def reply_log_likelihoods(model, processor, questions: Sequence[str], images: Se
         scores.append(row_scores[start : start + len(choices)])
         start += len(choices)
     return scores
+
+
+def reply_log_likelihoods(model, processor, questions: Sequence[str], images: Sequence[Image.Image],
+                          replies: Sequence[Sequence[str]]) -> list[list[float]]:
+    """log P(reply | image, question) for each question's replies (see `score_replies`)."""
+    return [[score.log_likelihood for score in row] for row in score_replies(model, processor, questions, images, replies)]
 
 
 def most_likely_replies(model, processor, questions: Sequence[str], images: Sequence[Image.Image],

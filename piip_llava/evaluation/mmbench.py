@@ -30,6 +30,7 @@ from transformers.utils import logging
 
 from ..file_writing import atomic_output
 from .answer_request import LIKELIHOOD_TARGETS, AnswerRequest
+from .local_datasets import dataset_image, load_local_dataset, require_columns
 
 logger = logging.get_logger(__name__)
 
@@ -44,6 +45,7 @@ CIRCULAR_COPY_OFFSET = 1_000_000
 SUBMISSION_DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
 SUBMISSION_PREDICTION_POSITION = 6
 SHOWN_PROBLEMS = 5
+DATASET_IMAGE_MARKER = "<image in the dataset>"
 
 
 def is_missing(value) -> bool:
@@ -87,14 +89,24 @@ class MMBenchItem:
 
 @dataclass
 class MMBenchTable:
-    """The TSV as read, and the lines the parser had to skip."""
+    """The questions as text columns, and the lines the parser had to skip.
+
+    From a TSV, `frame["image"]` holds the base64 images; from a `datasets` dataset (lmms-lab/MMBench),
+    `images` is the dataset, decoded a row at a time, and `frame["image"]` only marks the rows that have one.
+    """
 
     frame: pd.DataFrame
     bad_lines: list[str] = field(default_factory=list)
+    images: object | None = None
 
     @property
     def has_answers(self) -> bool:
         return "answer" in self.frame.columns and bool(self.frame["answer"].notna().any())
+
+    def load_image(self, position: int) -> Image.Image:
+        if self.images is not None:
+            return dataset_image(self.images, position, "image")
+        return decode_row_image(self.frame, position)
 
 
 def read_mmbench_table(path: str | os.PathLike) -> MMBenchTable:
@@ -113,6 +125,27 @@ def read_mmbench_table(path: str | os.PathLike) -> MMBenchTable:
     if absent:
         raise ValueError(f"{path} is not an MMBench TSV: column(s) {sorted(absent)} are missing.")
     return MMBenchTable(frame=frame, bad_lines=bad_lines)
+
+
+def read_mmbench_dataset(dataset_path: str | os.PathLike, split: str = "dev") -> MMBenchTable:
+    """lmms-lab/MMBench's schema from a local parquet / `save_to_disk` copy, as the TSV would read."""
+    return mmbench_table_from_dataset(load_local_dataset(dataset_path, split), dataset_path)
+
+
+def mmbench_table_from_dataset(dataset, source="the dataset") -> MMBenchTable:
+    """A `datasets` split in lmms-lab/MMBench's schema as our TSV reader's table.
+
+    Its columns are the TSV's (index, question, hint, A-D, answer, category, image, ...) with the image
+    as an image feature and "L2-category" capitalised; cells are read as text, empty ones as None.
+    """
+    require_columns(dataset, ["index", "question", "A", "B", "image"], source,
+                    "MMBench needs index, question, options A, B (C, D optional) and image columns.")
+    frame = dataset.remove_columns(["image"]).to_pandas().rename(columns={"L2-category": "l2-category"})
+    frame = frame.astype(object).map(lambda value: None if is_missing(value) else str(value))
+    # The images stay in the dataset; a placeholder tells row_problem every row has one (a broken one is
+    # reported, with its row, when its question comes up).
+    frame["image"] = DATASET_IMAGE_MARKER
+    return MMBenchTable(frame=frame, images=dataset)
 
 
 def present_options(row) -> list[str]:
@@ -249,7 +282,7 @@ def mmbench_requests(table: MMBenchTable, items: Sequence[MMBenchItem], lang: st
             AnswerRequest(
                 key=item.key,
                 question=f"{item.prompt}\n{ANSWER_INSTRUCTIONS[lang]}",
-                load_image=partial(decode_row_image, table.frame, item.image_row),
+                load_image=partial(table.load_image, item.image_row),
                 record=record,
                 choices=item.options if likelihood_target == "option" else OPTION_LETTERS[: len(item.options)],
             )

@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 from .answer_normalization import vqa_accuracy
 from .answer_request import AnswerRequest
+from .local_datasets import dataset_image, load_local_dataset, require_columns
 
 logger = logging.get_logger(__name__)
 
@@ -85,50 +86,26 @@ def questions_from_jsonl(question_file: str | os.PathLike, image_folder: str | o
     return loaded
 
 
-def load_local_dataset(dataset_path: str | os.PathLike, split: str):
-    """A dataset saved with `save_to_disk`, a parquet file, or a folder of parquet files (no download)."""
-    import datasets
-
-    dataset_path = Path(dataset_path)
-    if not dataset_path.exists():
-        raise ValueError(f"Dataset path {dataset_path} does not exist; give a local folder or parquet file.")
-    if (dataset_path / "dataset_info.json").exists() or (dataset_path / "dataset_dict.json").exists():
-        dataset = datasets.load_from_disk(str(dataset_path))
-        return dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
-    if dataset_path.is_file():
-        return datasets.load_dataset("parquet", data_files=str(dataset_path), split="train")
-    files = sorted(str(path) for path in dataset_path.rglob("*.parquet"))
-    if not files:
-        raise ValueError(f"No parquet files under {dataset_path}.")
-    return datasets.load_dataset("parquet", data_files=files, split="train")
-
-
-def dataset_image(dataset, row: int, image_column: str) -> Image.Image:
-    image = dataset[row][image_column]
-    if image is None:
-        raise ValueError("the row has no image")
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"the {image_column!r} column holds {type(image).__name__}, not an image")
-    return image
+def resolve_id_column(column_names: list[str], id_column: str | None) -> str:
+    """The column written as question_id: LLaVA's scorer matches by image id, so "image_id" where there is one."""
+    if id_column is not None:
+        return id_column
+    return "image_id" if "image_id" in column_names else "question_id"
 
 
 def questions_from_dataset(
-    dataset_path: str | os.PathLike, split: str = "train", id_column: str = "question_id", image_column: str = "image"
+    dataset_path: str | os.PathLike, split: str = "train", id_column: str | None = None, image_column: str = "image"
 ) -> LoadedQuestions:
     """Questions from a local `datasets` dataset: an id column, an image column, and "text" or "question".
 
-    LLaVA's scorer matches answers by image id; with datasets whose question ids are not image ids
-    (e.g. lmms-lab/textvqa), pass `id_column="image_id"`.
+    lmms-lab/textvqa's schema (question_id, question, image_id, image, answers, ...) reads as it is:
+    the image id becomes question_id, as in LLaVA's question file, so LLaVA's scorer matches the answers.
     """
     dataset = load_local_dataset(dataset_path, split)
+    id_column = resolve_id_column(dataset.column_names, id_column)
     text_column = "text" if "text" in dataset.column_names else "question"
-    required = [id_column, image_column, text_column]
-    absent = [name for name in required if name not in dataset.column_names]
-    if absent:
-        raise ValueError(
-            f"Dataset {dataset_path} lacks column(s) {absent}; it has {dataset.column_names}. "
-            "TextVQA needs an id column, an image column and a 'text' or 'question' column."
-        )
+    require_columns(dataset, [id_column, image_column, text_column], dataset_path,
+                    "TextVQA needs an id column, an image column and a 'text' or 'question' column.")
     loaded = LoadedQuestions()
     # Read the text columns without decoding any image.
     texts = dataset.select_columns([id_column, text_column])
@@ -141,12 +118,31 @@ def questions_from_dataset(
     return loaded
 
 
+def annotations_from_dataset(dataset_path: str | os.PathLike, split: str = "train",
+                             id_column: str | None = None) -> dict[tuple, list[str]]:
+    """(id, lower-cased question) -> human answers, from a dataset with an "answers" column (lmms-lab/textvqa).
+
+    The same keys as `load_annotations` reads from TextVQA_0.5.1_val.json, so answers score identically.
+    """
+    dataset = load_local_dataset(dataset_path, split)
+    id_column = resolve_id_column(dataset.column_names, id_column)
+    require_columns(dataset, [id_column, "question", "answers"], dataset_path,
+                    "Scoring from a dataset needs its id, 'question' and 'answers' columns (lmms-lab/textvqa's schema).")
+    annotations = {}
+    for row, entry in enumerate(dataset.select_columns([id_column, "question", "answers"])):
+        if entry[id_column] is None or not entry["question"] or not entry["answers"]:
+            raise ValueError(f"Dataset {dataset_path}, row {row}: no {id_column}, question or answers to score with; "
+                             "is this the test split?")
+        annotations[(entry[id_column], entry["question"].lower())] = list(entry["answers"])
+    return annotations
+
+
 def load_textvqa_questions(
     question_file: str | None = None,
     image_folder: str | None = None,
     dataset_path: str | None = None,
     split: str = "train",
-    id_column: str = "question_id",
+    id_column: str | None = None,
 ) -> LoadedQuestions:
     if (question_file is None) == (dataset_path is None):
         raise ValueError("Give exactly one question source: --question-file (with --image-folder) or --dataset.")

@@ -2,6 +2,7 @@
 
 Example:
     piip-llava synthetic --out data/synthetic --seed 0 --train-size 400 --eval-size 120
+    piip-llava synthetic --out data/small --train-size 0 --eval-size 12 --lmms-lab   # + lmms-lab schemas
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--eval-size", type=int, default=120, help="Number of evaluation images.")
     parser.add_argument("--image-size", type=int, default=256, help="Side of the square images in pixels.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    parser.add_argument("--lmms-lab", action="store_true",
+                        help="Also write the evaluation splits in lmms-lab's dataset schemas (eval/lmms-lab/textvqa and "
+                        "eval/lmms-lab/mmbench, parquet), for `piip-llava eval --dataset` and lmms-eval.")
     parser.set_defaults(handler=run_synthetic)
     return parser
 
@@ -41,6 +45,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
             num_eval_images=args.eval_size,
             image_size=args.image_size,
             progress=not args.no_progress,
+            lmms_lab=args.lmms_lab,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -8,6 +8,8 @@ Layout of `out_dir`:
     eval/textvqa_annotations.json in TextVQA_0.5.1_val.json's format, the answer repeated 10 times
     eval/mmbench_dev.tsv         MMBench dev TSV: one multiple-choice question per evaluation image
     eval/question_types.json     TextVQA question_id -> question type (MMBench has a category column)
+    eval/lmms-lab/textvqa/       with lmms_lab=True: the TextVQA split in lmms-lab/textvqa's schema (parquet)
+    eval/lmms-lab/mmbench/       with lmms_lab=True: the MMBench split in lmms-lab/MMBench's schema (parquet)
     stats.json                   counts per question type, chance and majority-answer accuracies
 
 Each image is drawn from its own seed, a string naming the dataset seed, the split and the index,
@@ -32,6 +34,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..conversation import IMAGE_PLACEHOLDER, VICUNA_SYSTEM, get_conversation_format
+from ..evaluation.lmms_lab import (
+    MMBENCH_SPLIT,
+    TEXTVQA_SPLIT,
+    mmbench_features,
+    textvqa_features,
+    write_parquet_split,
+)
 from .questions import (
     COUNT_QUESTION,
     L2_CATEGORIES,
@@ -188,6 +197,23 @@ def mmbench_row(item: EvalItem, index: int, image_base64: str) -> dict:
     }
 
 
+def lmms_lab_textvqa_row(annotation: dict, image: bytes) -> dict:
+    """The annotation entry as a row of lmms-lab/textvqa: its fields, the image, and no OCR tokens (we have no OCR)."""
+    return {**annotation, "image": {"bytes": image, "path": None}, "ocr_tokens": []}
+
+
+def lmms_lab_mmbench_row(row: dict, image: bytes) -> dict:
+    """The TSV row as a row of lmms-lab/MMBench: the image decoded, "L2-category" capitalised."""
+    fields = {name: value for name, value in row.items() if name not in ("image", "l2-category")}
+    return {**fields, "image": {"bytes": image, "path": None}, "L2-category": row["l2-category"],
+            "source": "piip-llava synthetic", "comment": None, "split": MMBENCH_SPLIT}
+
+
+def write_lmms_lab_splits(eval_dir: Path, textvqa_rows: list[dict], mmbench_rows: list[dict]) -> None:
+    write_parquet_split(textvqa_rows, textvqa_features(), eval_dir / "lmms-lab" / "textvqa", TEXTVQA_SPLIT)
+    write_parquet_split(mmbench_rows, mmbench_features(), eval_dir / "lmms-lab" / "mmbench", MMBENCH_SPLIT)
+
+
 def write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -265,8 +291,12 @@ def export_dataset(
     num_eval_images: int = 120,
     image_size: int = DEFAULT_IMAGE_SIZE,
     progress: bool = True,
+    lmms_lab: bool = False,
 ) -> dict:
-    """Write the training and evaluation splits under `out_dir` (see the module docstring); returns the stats."""
+    """Write the training and evaluation splits under `out_dir` (see the module docstring); returns the stats.
+
+    With `lmms_lab`, the evaluation splits are also written in lmms-lab's dataset schemas.
+    """
     check_counts(num_train_images, num_eval_images)
     check_image_size(image_size)
     out_dir = Path(out_dir)
@@ -285,6 +315,7 @@ def export_dataset(
         bar.update()
 
     eval_items, question_lines, annotations, mmbench_rows = [], [], [], []
+    lmms_lab_rows = {"textvqa": [], "mmbench": []}
     for index in range(num_eval_images):
         item = eval_item(seed, index, image_size)
         image = png_bytes(item.scene)
@@ -292,6 +323,9 @@ def export_dataset(
         question_lines.append(textvqa_question_line(item))
         annotations.append(textvqa_annotation(item, question_number=index))
         mmbench_rows.append(mmbench_row(item, index, base64.b64encode(image).decode("ascii")))
+        if lmms_lab:
+            lmms_lab_rows["textvqa"].append(lmms_lab_textvqa_row(annotations[-1], image))
+            lmms_lab_rows["mmbench"].append(lmms_lab_mmbench_row(mmbench_rows[-1], image))
         eval_items.append(item)
         bar.update()
     bar.close()
@@ -302,6 +336,8 @@ def export_dataset(
     write_json(eval_dir / "textvqa_annotations.json", {"dataset_type": "val", "dataset_name": "textvqa",
                                                        "dataset_version": "0.5.1", "data": annotations})
     write_mmbench_tsv(eval_dir / "mmbench_dev.tsv", mmbench_rows)
+    if lmms_lab:
+        write_lmms_lab_splits(eval_dir, lmms_lab_rows["textvqa"], lmms_lab_rows["mmbench"])
     write_json(eval_dir / "question_types.json",
                {item.image_id: item.open_question.question_type for item in eval_items})
     stats = dataset_stats(seed, image_size, train_items, eval_items)
