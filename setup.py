@@ -35,6 +35,12 @@ setup(
         "dev": ["deepspeed>=0.16", "pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
         "experiments": ["matplotlib>=3.7"],
         "gpu": ["flash-attn>=2.6"],
+        # `piip-llava serve --web`: the gradio chat page.
+        "web": ["gradio>=6.0,<7"],
     },
-    entry_points={"console_scripts": ["piip-llava=piip_llava.cli:main"]},
+    entry_points={
+        "console_scripts": ["piip-llava=piip_llava.cli:main"],
+        # vLLM loads this in each of its processes: `vllm serve DIR` then knows PIIP-LLaVA (see docs/serving.md).
+        "vllm.general_plugins": ["piip_llava = piip_llava.serving.vllm_plugin:register"],
+    },
 )

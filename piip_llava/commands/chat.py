@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 
 from transformers.utils import logging
 
@@ -61,21 +62,28 @@ def load_image(path: str):
 
 
 class ChatSession:
-    """A multi-turn conversation about one image; the image goes with the first user turn."""
+    """A multi-turn conversation about one image; the image goes with the first user turn.
 
-    def __init__(self, model, processor, image, generation_options: dict):
+    `messages` holds the turns so far (transformers' message format); the web page rebuilds a
+    session from its own history before each answer.
+    """
+
+    def __init__(self, model, processor, image, generation_options: dict, messages: list[dict] | None = None):
         self.model = model
         self.processor = processor
         self.image = image
         self.generation_options = generation_options
-        self.messages: list[dict] = []
+        self.messages: list[dict] = list(messages or [])
 
-    def ask(self, question: str, stream=None) -> str:
-        """Answer one turn, writing the answer to `stream` (the current `sys.stdout` by default) as it is generated."""
-        from transformers import TextIteratorStreamer
+    def stream(self, question: str, stop: Event | None = None) -> Iterator[str]:
+        """Answer one turn, yielding the answer's text piece by piece as it is generated.
 
-        stream = sys.stdout if stream is None else stream
+        Setting `stop` (or closing the generator) ends generation at the next token; the turn is
+        recorded in `messages` with what was generated until then.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
+        closed = Event()  # set when this generator ends early, so the generating thread does not run on
         if not self.messages:
             content = [{"type": "image"}, {"type": "text", "text": question}]
         else:
@@ -84,18 +92,46 @@ class ChatSession:
         prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[prompt], images=[self.image], return_tensors="pt").to(self.model.device)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = Thread(target=self.model.generate, kwargs={**inputs, **self.generation_options, "streamer": streamer})
+        options = {
+            **inputs,
+            **self.generation_options,
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([StopWhenSet(closed, *([stop] if stop is not None else []))]),
+        }
+        worker = Thread(target=self.model.generate, kwargs=options)
         worker.start()
         pieces = []
-        for piece in streamer:
-            pieces.append(piece)
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                yield piece
+        finally:
+            closed.set()
+            worker.join()
+            answer = "".join(pieces).strip()
+            self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+
+    def ask(self, question: str, stream=None) -> str:
+        """Answer one turn, writing the answer to `stream` (the current `sys.stdout` by default) as it is generated."""
+        stream = sys.stdout if stream is None else stream
+        for piece in self.stream(question):
             stream.write(piece)
             stream.flush()
-        worker.join()
         stream.write("\n")
-        answer = "".join(pieces).strip()
-        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return answer
+        return self.messages[-1]["content"][0]["text"]
+
+
+class StopWhenSet:
+    """A stopping criterion (transformers' `StoppingCriteria` call) ending generation once any event is set."""
+
+    def __init__(self, *events: Event):
+        self.events = events
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        stop = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def build_session(args) -> ChatSession:
