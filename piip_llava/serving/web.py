@@ -34,6 +34,11 @@ def bundled_examples() -> list[list]:
     return [[{"text": example["question"], "files": [str(EXAMPLES_DIR / example["image"])]}] for example in examples]
 
 
+def attached_path(file) -> str:
+    """The local path of a file attached in the message box (gradio gives a path or a file dict)."""
+    return file if isinstance(file, str) else file["path"]
+
+
 class ChatPage:
     """The page's behaviour, kept apart from its layout so it can be read (and tested) alone."""
 
@@ -61,6 +66,7 @@ class ChatPage:
             return
         if image is not None:
             conversation = Conversation(image=image)
+            chat = [{"role": "user", "content": {"path": attached_path(files[0])}}]  # the image, shown in the chat
         stop = self.stop_events[session] = Event()
         chat = [*chat, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         answer = ""
@@ -71,7 +77,7 @@ class ChatPage:
                 chat[-1] = {"role": "assistant", "content": answer}
                 yield chat, gr.update(), "Answering…", conversation
         except ChatBackendError as error:
-            yield chat[:-2], gr.update(value=message), f"⚠️ {error}", conversation
+            yield chat[: -3 if image is not None else -2], gr.update(value=message), f"⚠️ {error}", conversation
             return
         answer = answer.strip()
         chat[-1] = {"role": "assistant", "content": answer}
@@ -85,8 +91,7 @@ class ChatPage:
         if files:
             if conversation.turns:
                 raise ChatInputError("This conversation is about the image already sent; press Clear to ask about another.")
-            path = files[0] if isinstance(files[0], str) else files[0].get("path")
-            return load_chat_image(path, self.max_image_pixels)
+            return load_chat_image(attached_path(files[0]), self.max_image_pixels)
         if conversation.image is None:
             raise ChatInputError("Attach an image to ask about (the paperclip in the message box), or pick an example.")
         return None
@@ -102,7 +107,7 @@ class ChatPage:
 
         with gr.Blocks(title=title) as page:
             gr.Markdown(f"# {title}\n{self.backend.describe()}", elem_id=ELEMENT_IDS["header"])
-            chat = gr.Chatbot(label="Conversation", elem_id=ELEMENT_IDS["chat"], height=420)
+            chat = gr.Chatbot(label="Conversation", elem_id=ELEMENT_IDS["chat"], height=620)
             message = gr.MultimodalTextbox(
                 placeholder="Attach an image and ask about it; then ask follow-up questions.",
                 file_types=["image"],
