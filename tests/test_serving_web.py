@@ -226,3 +226,51 @@ def test_the_page_answers_through_the_vllm_server_with_api(browser, tmp_path, ch
         send(page, questions[1])
         assert wait_for_answer(page, 2) == expected[1]
         page.close()
+
+
+class ScriptedBackend:
+    """A backend answering with fixed pieces, pressing the page's Stop after `stop_after` of them."""
+
+    def __init__(self, page_logic, pieces: list[str], stop_after: int | None = None, fail: bool = False):
+        self.page_logic, self.pieces, self.stop_after, self.fail = page_logic, pieces, stop_after, fail
+
+    def stream(self, conversation, question, stop):
+        from piip_llava.serving.backends import ChatBackendError
+
+        if self.fail:
+            raise ChatBackendError("Cannot reach the server at http://127.0.0.1:9: connection refused")
+        for count, piece in enumerate(self.pieces, start=1):
+            if stop.is_set():
+                return
+            yield piece
+            if count == self.stop_after:
+                self.page_logic.stop("session")
+
+
+def test_stop_keeps_the_answer_so_far_and_the_conversation_goes_on(tmp_path):
+    from piip_llava.serving.web import ChatPage
+
+    image = png_file(tmp_path / "photo.png", 32, 32)
+    logic = ChatPage(backend=None)
+    logic.backend = ScriptedBackend(logic, ["square", " blue", " left", " and more"], stop_after=2)
+    *_, (chat, _, status_line, conversation) = logic.respond(
+        {"text": "Tell me about the shapes.", "files": [str(image)]}, None, [], "session"
+    )
+    assert status_line == "Stopped." and chat[-1] == {"role": "assistant", "content": "square blue"}
+    assert conversation.turns == [("Tell me about the shapes.", "square blue")]
+
+    logic.backend = ScriptedBackend(logic, ["red"])
+    *_, (chat, _, status_line, conversation) = logic.respond({"text": "Colour?", "files": []}, conversation, chat, "session")
+    assert status_line == "" and conversation.turns[-1] == ("Colour?", "red") and len(conversation.turns) == 2
+
+
+def test_a_server_that_fails_is_said_and_the_message_is_given_back(tmp_path):
+    from piip_llava.serving.web import ChatPage
+
+    image = png_file(tmp_path / "photo.png", 32, 32)
+    logic = ChatPage(backend=None)
+    logic.backend = ScriptedBackend(logic, [], fail=True)
+    message = {"text": "What colour is the circle?", "files": [str(image)]}
+    *_, (chat, box, status_line, conversation) = logic.respond(message, None, [], "session")
+    assert chat == [] and box["value"] == message
+    assert "Cannot reach the server" in status_line and conversation.turns == []
