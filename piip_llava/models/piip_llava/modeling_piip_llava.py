@@ -55,7 +55,7 @@ class PIIPLlavaModel(PIIPLlavaPreTrainedModel, LlavaModel):
         Returns `last_hidden_state`: the last (highest-resolution) branch's final tokens, (images,
         tokens, `vision_config.hidden_size`); `pooler_output`: the projected features, one
         (image_tokens, text hidden size) tensor per image; `hidden_states` / `attentions`: the
-        tower's, grouped by branch (see `PIIPVisionModelOutput`). `generate()` calls this once,
+        tower's, branch after branch (see `PIIPVisionModelOutput`). `generate()` calls this once,
         before prefill, and reuses the result.
         """
         vision_outputs = self.vision_tower(
