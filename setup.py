@@ -42,10 +42,14 @@ setup(
         # lmms-eval 0.7's evaluator patches filelock._api, which filelock 4 removed. On a CPU-only machine install
         # with constraints-lmms.txt, then remove torchvision (docs/lmms_eval.md): lmms-eval pulls a CUDA build.
         "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock>=3.16,<4"],
+        # `piip-llava serve --web`: the gradio chat page.
+        "web": ["gradio>=6.0,<7"],
     },
     entry_points={
         "console_scripts": ["piip-llava=piip_llava.cli:main"],
         # lmms-eval finds `--model piip_llava` here (no --include_path for the model).
         "lmms_eval.models": ["piip_llava=piip_llava.evaluation.lmms:model_manifest"],
+        # vLLM loads this in each of its processes: `vllm serve DIR` then knows PIIP-LLaVA (see docs/serving.md).
+        "vllm.general_plugins": ["piip_llava = piip_llava.serving.vllm_plugin:register"],
     },
 )

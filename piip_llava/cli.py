@@ -15,6 +15,7 @@ import sys
 
 SUBCOMMAND_MODULES = [
     "piip_llava.commands.chat",
+    "piip_llava.commands.serve",
     "piip_llava.commands.train",
     "piip_llava.evaluation.commands",
     "piip_llava.evaluation.lmms.commands",

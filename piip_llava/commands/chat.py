@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 
 from transformers.utils import logging
 
@@ -88,14 +89,18 @@ class PreparedTurn:
 
 
 class ChatSession:
-    """A multi-turn conversation about one image; the image goes with the first user turn."""
+    """A multi-turn conversation about one image; the image goes with the first user turn.
 
-    def __init__(self, model, processor, image, generation_options: dict):
+    `messages` holds the turns so far (transformers' message format); the web page rebuilds a
+    session from its own history before each answer.
+    """
+
+    def __init__(self, model, processor, image, generation_options: dict, messages: list[dict] | None = None):
         self.model = model
         self.processor = processor
         self.image = image
         self.generation_options = generation_options
-        self.messages: list[dict] = []
+        self.messages: list[dict] = list(messages or [])
 
     @property
     def context_length(self) -> int | None:
@@ -138,22 +143,25 @@ class ChatSession:
             max_new_tokens = min(max_new_tokens, room)
         return PreparedTurn(messages, inputs.to(self.model.device), max_new_tokens)
 
-    def answer(self, turn: PreparedTurn, stream=None) -> str:
-        """Generate the answer to a prepared turn, writing it to `stream` (default `sys.stdout`) as it comes.
+    def stream_answer(self, turn: PreparedTurn, stop: Event | None = None) -> Iterator[str]:
+        """Answer a prepared turn, yielding the answer's text piece by piece as it is generated.
 
         `generate` runs in a worker thread that feeds the streamer; whatever it raises ends the stream
         and is raised here as a `ChatError`, so a failed generation never leaves the reader waiting.
+        Setting `stop` (or closing the generator) ends generation at the next token; the turn is then
+        recorded in `messages` with what was generated until then.
         """
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        stream = sys.stdout if stream is None else stream
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        closed = Event()  # set when the reader is done, so the generating thread does not run on
+        stopping = StoppingCriteriaList([StopWhenSet(closed, *([stop] if stop is not None else []))])
+        options = {**self.generation_options, "max_new_tokens": turn.max_new_tokens}
         failures: list[Exception] = []
 
         def generate() -> None:
             try:
-                options = {**self.generation_options, "max_new_tokens": turn.max_new_tokens}
-                self.model.generate(**turn.inputs, **options, streamer=streamer)
+                self.model.generate(**turn.inputs, **options, streamer=streamer, stopping_criteria=stopping)
             except Exception as error:  # noqa: BLE001 (handed to the reading thread, which reports it)
                 failures.append(error)
                 streamer.end()
@@ -162,22 +170,49 @@ class ChatSession:
         worker = Thread(target=generate, daemon=True)
         worker.start()
         pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            stream.write(piece)
-            stream.flush()
-        worker.join()
-        stream.write("\n")
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                yield piece
+        finally:
+            closed.set()
+            worker.join()
+            if not failures:
+                answer = "".join(pieces).strip()
+                self.messages = [*turn.messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         if failures:
             error = failures[0]
             raise ChatError(f"the model could not answer: {type(error).__name__}: {error}") from error
-        answer = "".join(pieces).strip()
-        self.messages = [*turn.messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-        return answer
+
+    def stream(self, question: str, stop: Event | None = None) -> Iterator[str]:
+        """Check and answer one question, yielding the answer piece by piece (see `stream_answer`)."""
+        yield from self.stream_answer(self.prepare(question), stop)
+
+    def answer(self, turn: PreparedTurn, stream=None) -> str:
+        """Answer a prepared turn, writing the answer to `stream` (default `sys.stdout`) as it comes."""
+        stream = sys.stdout if stream is None else stream
+        for piece in self.stream_answer(turn):
+            stream.write(piece)
+            stream.flush()
+        stream.write("\n")
+        return self.messages[-1]["content"][0]["text"]
 
     def ask(self, question: str, stream=None) -> str:
         """Answer one turn, writing the answer to `stream` (the current `sys.stdout` by default) as it is generated."""
         return self.answer(self.prepare(question), stream)
+
+
+class StopWhenSet:
+    """A stopping criterion (transformers' `StoppingCriteria` call) ending generation once any event is set."""
+
+    def __init__(self, *events: Event):
+        self.events = events
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        stop = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def build_session(args) -> ChatSession:

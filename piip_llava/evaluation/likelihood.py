@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .generation import chat_prompt, user_turn
+from .prompts import chat_prompt, user_turn
 
 
 @dataclass(frozen=True)

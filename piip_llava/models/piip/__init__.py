@@ -1,4 +1,4 @@
-from .configuration_piip import BranchSpec, PIIPVisionConfig
+from .configuration_piip import PIIPBranchConfig, PIIPVisionConfig
 from .modeling_piip import PIIPPreTrainedModel, PIIPVisionModel, PIIPVisionModelOutput
 
-__all__ = ["BranchSpec", "PIIPPreTrainedModel", "PIIPVisionConfig", "PIIPVisionModel", "PIIPVisionModelOutput"]
+__all__ = ["PIIPBranchConfig", "PIIPPreTrainedModel", "PIIPVisionConfig", "PIIPVisionModel", "PIIPVisionModelOutput"]

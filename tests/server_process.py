@@ -1,0 +1,96 @@
+"""Servers the serving tests start: a subprocess on 127.0.0.1, waited for, and always stopped.
+
+Each server runs in its own process group with its output in a log file; if it dies or does
+not answer in time, the error carries the log's tail so CI shows why.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("PIIP_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
+# vLLM refuses images over this many pixels with a 400 (VLLM_MAX_IMAGE_PIXELS); the web page's default limit too.
+MAX_IMAGE_PIXELS = 25_000_000
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def log_tail(log_path: Path) -> str:
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return "\n".join(line for line in text.splitlines() if "is ignored: it is neither" not in line)[-6000:]
+
+
+def wait_until_ready(process: subprocess.Popen, ready_url: str, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"The server exited with code {process.returncode} before answering:\n{log_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(ready_url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"The server did not answer {ready_url} within {timeout_s:.0f} s:\n{log_tail(log_path)}")
+
+
+def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM to the server's process group (vLLM's engine runs in child processes), SIGKILL after `grace_s`."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace_s)
+
+
+@contextmanager
+def running_server(command: list[str], ready_url: str, log_path: Path, timeout_s: float, env: dict | None = None):
+    """Start `command`, wait until `ready_url` answers 200, yield the process, then stop it whatever happened.
+
+    The server runs in the log's folder, so it imports the installed package as a user's would,
+    not whatever the current directory holds.
+    """
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+    try:
+        wait_until_ready(process, ready_url, log_path, timeout_s)
+        yield process
+    finally:
+        stop(process)
+
+
+@contextmanager
+def running_vllm_server(model_dir: Path, log_path: Path):
+    """vLLM's OpenAI-compatible server from the vLLM environment on `model_dir` (CPU, eager); yields its URL."""
+    port = free_port()
+    command = [
+        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+        # On the CPU build this is the share of host memory reserved for the KV cache.
+        "--gpu-memory-utilization", "0.05",
+    ]
+    env = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS), "VLLM_NO_USAGE_STATS": "1"}
+    url = f"http://127.0.0.1:{port}"
+    with running_server(command, f"{url}/health", log_path, timeout_s=900, env=env):
+        yield url
