@@ -501,3 +501,15 @@ def test_patch_stride_runs_a_resampled_kernel_at_the_pretrained_stride():
     torch.testing.assert_close(patches, expected, atol=0, rtol=0)
     assert feature_maps[1].shape == (1, 32, 5, 5)
     assert config.to_dict()["branches"][1]["patch_stride"] == 14
+
+
+def test_returned_hidden_states_and_attentions_are_part_of_the_graph():
+    """Gradients reach every returned hidden state (feature attribution, retain_grad), as in transformers' models."""
+    model = PIIPVisionModel(tiny_vision_config(three_branches(), attn_implementation="eager"))
+    perturb_interactions(model)
+    output = model(torch.randn(1, 3, 96, 96), output_hidden_states=True, output_attentions=True)
+    for tensor in output.hidden_states + output.attentions:
+        tensor.retain_grad()
+    sum(feature_map.sum() for feature_map in output.feature_maps).backward()
+    assert all(state.grad is not None for state in output.hidden_states)
+    assert all(attention.grad is not None for attention in output.attentions)
