@@ -436,8 +436,8 @@ def test_attentions_of_every_vit_branch_need_eager_attention():
     config = tiny_vision_config(three_branches())
     model = PIIPVisionModel(config).eval()
     pixel_values = torch.randn(1, 3, 96, 96)
-    with pytest.raises(ValueError, match="output_attentions needs eager attention"):
-        model(pixel_values, output_attentions=True)
+    with torch.no_grad():
+        assert model(pixel_values, output_attentions=True).attentions == ()  # sdpa computes no maps (and warns)
     model.set_attn_implementation("eager")
     with torch.no_grad():
         flat = model(pixel_values, output_attentions=True).attentions
@@ -455,7 +455,8 @@ def test_return_dict_false_gives_a_tuple_and_unknown_arguments_are_refused():
         as_tuple = model(pixel_values, return_dict=False)
         as_output = model(pixel_values)
     assert isinstance(as_tuple, tuple)
-    for actual, expected in zip(as_tuple[0], as_output.feature_maps):
+    torch.testing.assert_close(as_tuple[0], as_output.feature_maps[-1].flatten(2).transpose(1, 2), atol=0, rtol=0)
+    for actual, expected in zip(as_tuple[1], as_output.feature_maps):
         torch.testing.assert_close(actual, expected, atol=0, rtol=0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'output_hidden_state'"):
         model(pixel_values, output_hidden_state=True)
@@ -500,3 +501,15 @@ def test_patch_stride_runs_a_resampled_kernel_at_the_pretrained_stride():
     torch.testing.assert_close(patches, expected, atol=0, rtol=0)
     assert feature_maps[1].shape == (1, 32, 5, 5)
     assert config.to_dict()["branches"][1]["patch_stride"] == 14
+
+
+def test_returned_hidden_states_and_attentions_are_part_of_the_graph():
+    """Gradients reach every returned hidden state (feature attribution, retain_grad), as in transformers' models."""
+    model = PIIPVisionModel(tiny_vision_config(three_branches(), attn_implementation="eager"))
+    perturb_interactions(model)
+    output = model(torch.randn(1, 3, 96, 96), output_hidden_states=True, output_attentions=True)
+    for tensor in output.hidden_states + output.attentions:
+        tensor.retain_grad()
+    sum(feature_map.sum() for feature_map in output.feature_maps).backward()
+    assert all(state.grad is not None for state in output.hidden_states)
+    assert all(attention.grad is not None for attention in output.attentions)

@@ -59,6 +59,9 @@ class BranchState:
     tokens: torch.Tensor
     grid: tuple[int, int]
     class_token: torch.Tensor | None = None  # (batch, 1, C), carried beside the grid tokens
+    # (batch, 1 + H*W, C) when the class token and the tokens are slices of one tensor (a block's output):
+    # `sequence` returns it, so a returned hidden state is the very tensor the next block reads.
+    joined: torch.Tensor | None = None
 
     def feature_map(self) -> torch.Tensor:
         """The tokens as a (batch, C, H, W) map."""
@@ -69,6 +72,8 @@ class BranchState:
         """(batch, [1 +] H*W, C): the class token (if carried) followed by the grid tokens, as a hidden state."""
         if self.class_token is None:
             return self.tokens
+        if self.joined is not None:
+            return self.joined
         return torch.cat([self.class_token, self.tokens], dim=1)
 
 
@@ -234,8 +239,9 @@ class ViTBranch(PIIPBranchModel):
         class_token = (self.embeddings.class_embedding + class_position).to(tokens.dtype)
         class_token = class_token.expand(tokens.shape[0], 1, -1)
         sequence = self.pre_layernorm(torch.cat([class_token, tokens], dim=1))
-        class_token = sequence[:, :1] if self.use_cls_token else None
-        return BranchState(tokens=sequence[:, 1:], grid=grid, class_token=class_token)
+        if not self.use_cls_token:
+            return BranchState(tokens=sequence[:, 1:], grid=grid)
+        return BranchState(tokens=sequence[:, 1:], grid=grid, class_token=sequence[:, :1], joined=sequence)
 
     def run_blocks(self, state: BranchState, first: int, last: int, hidden_states: list | None = None) -> BranchState:
         """Blocks `first..last` on `state`; each block's output is appended to `hidden_states` when given."""
@@ -246,7 +252,7 @@ class ViTBranch(PIIPBranchModel):
             if hidden_states is not None:
                 hidden_states.append(hidden)
         if has_class:
-            return BranchState(tokens=hidden[:, 1:], grid=state.grid, class_token=hidden[:, :1])
+            return BranchState(tokens=hidden[:, 1:], grid=state.grid, class_token=hidden[:, :1], joined=hidden)
         return BranchState(tokens=hidden, grid=state.grid)
 
 
@@ -286,7 +292,10 @@ class ConvolutionalBranch(PIIPBranchModel):
             else:
                 feature_map = self._run_block(block, feature_map)
             if hidden_states is not None:
-                hidden_states.append(tokens_from_map(feature_map))
+                # Go through the recorded tokens, so the returned hidden state is part of the graph.
+                tokens = tokens_from_map(feature_map)
+                hidden_states.append(tokens)
+                feature_map = BranchState(tokens, tuple(feature_map.shape[-2:])).feature_map()
         return _state_from_map(feature_map)
 
 

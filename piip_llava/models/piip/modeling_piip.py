@@ -33,6 +33,8 @@ logger = logging.get_logger(__name__)
 class PIIPVisionModelOutput(ModelOutput):
     """
     Args:
+        last_hidden_state (`torch.FloatTensor`): the last (highest-resolution) branch's final tokens,
+            (batch, H*W, C), row-major; C is `config.hidden_size`.
         feature_maps (`tuple[torch.FloatTensor]`): each branch's final tokens as a (batch, C_i, H_i, W_i)
             map, in branch order (largest model / lowest resolution first).
         class_tokens (`tuple[torch.FloatTensor | None]`): each branch's final class token (batch, C_i),
@@ -49,6 +51,7 @@ class PIIPVisionModelOutput(ModelOutput):
             layers in order; convolutional branches have none.
     """
 
+    last_hidden_state: torch.FloatTensor | None = None
     feature_maps: tuple[torch.FloatTensor, ...] | None = None
     class_tokens: tuple[torch.FloatTensor | None, ...] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -278,22 +281,29 @@ class PIIPVisionModel(PIIPPreTrainedModel):
                 for index, (branch, branch_config, state) in enumerate(zip(self.branches, self.config.branches, states))
             ]
             states = interaction(states)
+        feature_maps = tuple(state.feature_map() for state in states)
         return PIIPVisionModelOutput(
-            feature_maps=tuple(state.feature_map() for state in states),
+            last_hidden_state=feature_maps[-1].flatten(2).transpose(1, 2),  # (batch, H*W, C)
+            feature_maps=feature_maps,
             class_tokens=tuple(None if state.class_token is None else state.class_token[:, 0] for state in states),
             hidden_states=None if hidden_states is None else tuple(state for branch in hidden_states for state in branch),
         )
 
     def attentions_in_branch_order(self, attentions: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The attention maps recorded in running order (group by group), reordered branch after branch."""
+        """The attention maps recorded in running order (group by group), reordered branch after branch.
+
+        Only eager attention computes the maps; with another implementation none are recorded and, as in
+        transformers' own models, the tuple is empty (with a warning saying how to get them).
+        """
         attention_branches = [index for index, branch in enumerate(self.branches) if isinstance(branch, ViTBranch)]
         expected = sum(self.branches[index].num_blocks for index in attention_branches)
         if len(attentions) != expected:
-            raise ValueError(
-                f"output_attentions needs eager attention: {len(attentions)} of {expected} attention maps were returned "
-                f"with attn_implementation={self.config._attn_implementation!r}; load the model with "
-                "attn_implementation='eager' or call set_attn_implementation('eager')."
+            logger.warning_once(
+                f"output_attentions returned {len(attentions)} of {expected} attention maps with "
+                f"attn_implementation={self.config._attn_implementation!r}: only eager attention computes them; load "
+                "the model with attn_implementation='eager' or call set_attn_implementation('eager')."
             )
+            return tuple(attentions)
         by_branch = [[] for _ in self.branches]
         remaining = iter(attentions)
         for interaction_index in range(self.config.num_interactions):
