@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["piip_llava", "piip_llava.*"]) + ["piip_llava.configs"],
     package_dir={"piip_llava.configs": "configs"},
     include_package_data=True,
-    package_data={"piip_llava": ["assets/**/*"], "piip_llava.configs": ["*.json"]},
+    package_data={"piip_llava": ["assets/**/*"], "piip_llava.configs": ["*.json", "perception/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned by the install step (see README): a bare requirement would pull a CUDA build.

@@ -65,7 +65,7 @@ BRANCH_KEYS = {
     "img_size", "real_size", "patch_size", "pretrain_img_size", "pretrain_patch_size", "depth", "embed_dim",
     "num_heads", "mlp_ratio", "qkv_bias", "init_scale", "init_values", "qk_normalization", "norm_layer_type",
     "mlp_type", "use_cls_token", "window_attn", "window_size", "use_flash_attn", "interaction_indexes",
-    "model_type", "num_classes", "pretrained", "drop_path_rate",
+    "model_type", "num_classes", "pretrained", "drop_path_rate", "Mlp_block",
 }  # fmt: skip
 INERT_BRANCH_KEYS = {
     "drop_rate", "attn_drop_rate", "with_cp", "with_fpn", "layerscale_force_fp32", "output_dtype", "out_indices",
@@ -175,7 +175,12 @@ def _branch_config(branch: dict, codebase: str, index: int) -> dict:
     else:
         grid_size = branch.get("pretrain_img_size", 224)
     if branch_type == "deit":
-        options = {"layer_scale_init": float(branch.get("init_scale", 1e-4)), "window_padding": "tokens" if branch.get("use_flash_attn") else "qkv"}
+        options = {
+            "layer_scale_init": float(branch.get("init_scale", 1e-4)),
+            "window_padding": "tokens" if branch.get("use_flash_attn") else "qkv",
+            # The InternViT-LH6B configs give their DeiT-L branch flash_attn's fused MLP (tanh GELU).
+            "hidden_act": "gelu_pytorch_tanh" if branch.get("Mlp_block") == "fused_mlp" else "gelu",
+        }
     else:
         init_values = branch.get("init_values", 0.1 if dense_internvit else None)
         options = {
@@ -463,15 +468,29 @@ def classification_image_processor(image_size: int) -> CLIPImageProcessor:
     )
 
 
+def perception_config_from_file(path: str, codebase: str | None = None) -> tuple[PIIPPerceptionConfig, str]:
+    """(config with `architectures` set, codebase) for an official config file."""
+    config, codebase = perception_config_from_official(read_official_config(path), codebase)
+    model_class = PIIPForImageClassification if codebase == "classification" else PIIPBackbone
+    config.architectures = [model_class.__name__]
+    return config, codebase
+
+
+def config_json(config: PIIPPerceptionConfig) -> str:
+    """The config as the bundled `configs/perception/*.json` hold it: what differs from the defaults."""
+    data = config.to_diff_dict()
+    data.pop("transformers_version", None)
+    return json.dumps(data, indent=2) + "\n"
+
+
 def convert_perception_checkpoint(src: str, dst: str, codebase: str | None = None) -> PerceptionConversionReport:
     """Convert `src` (official `config.py` and weights) into `dst`; see the module docstring."""
     config_path = os.path.join(src, "config.py")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{src} has no config.py (the official perception config).")
-    config, codebase = perception_config_from_official(read_official_config(config_path), codebase)
+    config, codebase = perception_config_from_file(config_path, codebase)
     task = "classification" if codebase == "classification" else "backbone"
     model_class = PIIPForImageClassification if task == "classification" else PIIPBackbone
-    config.architectures = [model_class.__name__]
     model = model_class(config).eval()
     mapped, dropped = map_official_state_dict(read_official_state_dict(src), config, codebase)
     unknown = [name for name in dropped if not name.startswith(("neck.", "rpn_head.", "roi_head.", "bbox_head.",
@@ -497,6 +516,8 @@ __all__ = [
     "PerceptionConversionError",
     "convert_perception_checkpoint",
     "map_official_state_dict",
+    "config_json",
+    "perception_config_from_file",
     "perception_config_from_official",
     "read_official_config",
 ]

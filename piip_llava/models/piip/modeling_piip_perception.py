@@ -52,7 +52,7 @@ def layer_configs(branch: PerceptionBranchConfig, attn_implementation: str | Non
             qkv_bias=branch.qkv_bias,
             layer_norm_eps=NORM_EPS,
             layerscale_value=branch.layer_scale_init,
-            hidden_act="gelu",
+            hidden_act=branch.hidden_act,
         )
     else:
         base = InternVLVisionConfig(
