@@ -54,7 +54,7 @@ def test_each_released_config_is_bundled_or_refused_with_its_reason(path):
         assert not bundled.exists()
         return
     config, _ = perception_config_from_file(str(path))
-    assert bundled.read_text() == config_json(config), f"regenerate with scripts/make_perception_configs.py"
+    assert bundled.read_text() == config_json(config), "regenerate with scripts/make_perception_configs.py"
 
 
 def test_released_detectors_read_as_the_official_code_builds_them():

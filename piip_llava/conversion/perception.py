@@ -514,9 +514,9 @@ def convert_perception_checkpoint(src: str, dst: str, codebase: str | None = Non
 
 __all__ = [
     "PerceptionConversionError",
+    "config_json",
     "convert_perception_checkpoint",
     "map_official_state_dict",
-    "config_json",
     "perception_config_from_file",
     "perception_config_from_official",
     "read_official_config",
