@@ -175,10 +175,13 @@ class PerceptionViTBranch(nn.Module):
         return table
 
     def embed(self, image: torch.Tensor, index: int) -> BranchState:
+        if min(image.shape[-2:]) < self.branch.patch_size:
+            raise ValueError(
+                f"Branch {index} gets a {image.shape[-2]}x{image.shape[-1]} image (resized from the input), smaller than "
+                f"one {self.branch.patch_size}-pixel patch; use a larger image."
+            )
         patches = self.patch_embedding(image.to(self.patch_embedding.weight.dtype))  # (batch, C, H, W)
         grid = tuple(patches.shape[-2:])
-        if min(grid) < 1:
-            raise ValueError(f"Branch {index} gets a {tuple(image.shape[-2:])} image, smaller than one patch.")
         tokens = patches.flatten(2).transpose(1, 2) + self.position_embeddings(grid, index).to(patches.dtype)
         class_token = None if self.cls_token is None else self.cls_token.expand(tokens.shape[0], -1, -1)
         return BranchState(tokens=tokens, grid=grid, class_token=class_token)
