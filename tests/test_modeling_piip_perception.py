@@ -142,25 +142,23 @@ def reference_windows(attention, normed, grid, window, padding):
     heads = attention.num_attention_heads
     tokens = normed.view(batch, height, width, channels)
 
-    def project(linear, values):
-        return linear(values)
-
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
     if padding == "tokens":
         tokens = F.pad(tokens, (0, 0, 0, padded_w - width, 0, padded_h - height))
-        q, k, v = (project(linear, tokens) for linear in (attention.q_proj, attention.k_proj, attention.v_proj))
+        q, k, v = (linear(tokens) for linear in projections)
     else:
-        q, k, v = (
-            F.pad(project(linear, tokens), (0, 0, 0, padded_w - width, 0, padded_h - height))
-            for linear in (attention.q_proj, attention.k_proj, attention.v_proj)
-        )
+        q, k, v = (F.pad(linear(tokens), (0, 0, 0, padded_w - width, 0, padded_h - height)) for linear in projections)
+
+    def cut(tensor, top, left):
+        part = tensor[:, top : top + window, left : left + window].reshape(batch, -1, heads, channels // heads)
+        return part.transpose(1, 2)  # (batch, heads, window^2, head_dim)
+
     out = torch.zeros(batch, padded_h, padded_w, channels)
     for top in range(0, padded_h, window):
         for left in range(0, padded_w, window):
-            def cut(tensor):
-                part = tensor[:, top : top + window, left : left + window].reshape(batch, -1, heads, channels // heads)
-                return part.transpose(1, 2)
-            scores = cut(q) @ cut(k).transpose(-1, -2) * attention.scaling
-            attended = (scores.softmax(-1) @ cut(v)).transpose(1, 2).reshape(batch, window, window, channels)
+            scores = cut(q, top, left) @ cut(k, top, left).transpose(-1, -2) * attention.scaling
+            attended = scores.softmax(-1) @ cut(v, top, left)
+            attended = attended.transpose(1, 2).reshape(batch, window, window, channels)
             out[:, top : top + window, left : left + window] = attended
     return attention.o_proj(out[:, :height, :width].reshape(batch, height * width, channels))
 
