@@ -141,7 +141,11 @@ def normalise_messages(messages: list[dict]) -> tuple[list[tuple[str, str]], str
 
 
 def jinja_chat_template(fmt: ConversationFormat) -> str:
-    """A Jinja chat template that renders exactly like `fmt.render` (checked by the tests)."""
+    """A Jinja chat template that renders exactly like `fmt.render` (checked by the tests).
+
+    Multi-turn formats mark each answer with transformers' `{% generation %}` tag, so
+    `apply_chat_template(..., return_assistant_tokens_mask=True)` finds the assistant's tokens.
+    """
     part_text = (
         "{%- macro text(content) -%}"
         "{%- if content is string -%}{{ content }}"
@@ -167,7 +171,9 @@ def jinja_chat_template(fmt: ConversationFormat) -> str:
         "{{ ' ' }}"
         "{%- for message in messages if message['role'] != 'system' -%}"
         "{%- if message['role'] == 'user' -%}" + fmt.user_role + ": {{ text(message['content']) }}{{ ' ' }}"
-        "{%- else -%}" + fmt.assistant_role + ": {{ text(message['content']) }}" + fmt.assistant_separator +
+        "{%- else -%}" + fmt.assistant_role + ":{{ ' ' }}"
+        # `{% generation %}` marks the answer for `return_assistant_tokens_mask` (renders nothing itself).
+        "{%- generation -%}{{ text(message['content']) }}" + fmt.assistant_separator + "{%- endgeneration -%}"
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}" + fmt.assistant_role + ":{%- endif -%}"

@@ -208,8 +208,8 @@ def _parameter_count(module: torch.nn.Module) -> int:
 
 def branch_label(config: PIIPVisionConfig, branch_index: int) -> str:
     """A readable name for a branch, e.g. `branch 1 (clip_vision_model @ 336)`."""
-    spec = config.branch_specs[branch_index]
-    return f"branch {branch_index + 1} ({spec.backbone_type} @ {spec.image_size})"
+    branch = config.branches[branch_index]
+    return f"branch {branch_index + 1} ({branch.backbone_type} @ {branch.image_size})"
 
 
 def count_encoder_cost(config: PIIPVisionConfig | PIIPPerceptionConfig) -> EncoderCost:

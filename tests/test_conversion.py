@@ -181,6 +181,7 @@ CASE_A_BRANCHES = [
         "image_size": 64,
         "interaction_groups": [[0, 0], [1, 1]],
         "patch_size": 16,
+        "patch_stride": 14,  # the official convolution keeps the pretrained stride when its kernel is resampled
         "pretrain_grid_size": 4,
         "use_cls_token": True,
     },
@@ -299,7 +300,9 @@ def test_bin_clip_convnext_normal_attention_layer_norm_projector(case_a, tmp_pat
     assert model.config.vision_config.interaction_attention == "normal"
     assert model.config.projector_norm == "layer_norm"
     branch = model.config.vision_config.branches[0]
-    assert (branch["patch_size"], branch["pretrain_grid_size"], branch["backbone_config"]["patch_size"]) == (16, 4, 14)
+    assert (branch.patch_size, branch.patch_stride, branch.pretrain_grid_size, branch.backbone_config.patch_size) == (
+        16, 14, 4, 14
+    )
     assert report.architecture_sources["branch1"].startswith("local config")
     assert report.architecture_sources["branch2"] == "tensor shapes"
     assert sorted(report.filled) == [

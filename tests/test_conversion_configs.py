@@ -51,11 +51,11 @@ def test_released_settings_land_in_our_config():
         True,
     )
     clip, convnext = vision.branches
-    assert (clip["image_size"], clip["patch_size"], clip["pretrain_grid_size"]) == (336, 16, 21)
-    assert clip["backbone_config"]["hidden_size"] == 1024 and clip["use_cls_token"] is True
-    assert convnext["backbone_config"]["depths"] == [3, 3, 27, 3]
-    assert convnext["backbone_config"]["hidden_sizes"] == [128, 256, 512, 1024]
-    assert convnext["image_size"] == 1024 and len(convnext["interaction_groups"]) == 12
+    assert (clip.image_size, clip.patch_size, clip.pretrain_grid_size) == (336, 16, 21)
+    assert clip.backbone_config.hidden_size == 1024 and clip.use_cls_token is True
+    assert convnext.backbone_config.depths == [3, 3, 27, 3]
+    assert convnext.backbone_config.hidden_sizes == [128, 256, 512, 1024]
+    assert convnext.image_size == 1024 and len(convnext.interaction_groups) == 12
     assert config.projector_norm == "group_norm" and config.num_image_tokens == 32 * 32
 
 

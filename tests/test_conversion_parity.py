@@ -65,7 +65,7 @@ def test_reproduces_official_image_features_and_logits(converted):
     assert model.config.num_image_tokens == image_tokens
     input_ids = splice_image_tokens(reference["input_ids"], model.config.image_token_index, image_tokens)
     with torch.no_grad():
-        features = model.model.get_image_features(reference["pixel_values"]).last_hidden_state
+        features = torch.stack(model.model.get_image_features(reference["pixel_values"]).pooler_output)
         logits = model(input_ids=input_ids, pixel_values=reference["pixel_values"]).logits
     original_vocab = reference["logits"].shape[-1]
     assert logits.shape[-1] == original_vocab + 1  # <image> appended

@@ -12,13 +12,14 @@ from test_eval_end_to_end import mmbench_args, mmbench_rows
 
 from piip_llava.cli import main
 from piip_llava.evaluation.answers_file import read_answers
-from piip_llava.evaluation.generation import chat_prompt, load_model_and_processor
+from piip_llava.evaluation.generation import load_model_and_processor
 from piip_llava.evaluation.likelihood import (
     conversation_with_reply,
     most_likely_replies,
     reply_log_likelihoods,
     reply_token_ids,
 )
+from piip_llava.evaluation.prompts import chat_prompt
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,8 @@ def cost_of(name: str):
 # ----- configs -----------------------------------------------------------------------------------
 def test_every_published_and_tiny_config_is_bundled():
     assert set(PUBLISHED_LAYOUTS) | set(TINY_CONFIGS) <= {path.stem for path in ALL_CONFIGS}
-    assert set(bundled_config_names()) == {path.stem for path in ALL_CONFIGS}
+    perception = {path.stem for path in (CONFIG_DIR / "perception").glob("*.json")}
+    assert set(bundled_config_names()) == {path.stem for path in ALL_CONFIGS} | perception
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda path: path.stem)
@@ -99,24 +100,22 @@ def test_config_file_loads_and_round_trips(path):
 def test_published_layout_matches_spec(name):
     image_sizes, groups, grids = PUBLISHED_LAYOUTS[name]
     config = load_vision_config(name)
-    specs = config.branch_specs
+    specs = config.branches
     assert [spec.image_size for spec in specs] == image_sizes
     assert [spec.interaction_groups for spec in specs] == groups
-    assert [spec.pretrain_grid_size for spec in specs if not spec.is_convnext] == grids
+    assert [spec.pretrain_grid_size for spec in specs if not spec.is_convolutional] == grids
     assert (config.interaction_attention, config.deform_num_heads, config.deform_num_points) == ("deform", 16, 4)
     assert (config.deform_ratio, config.with_cffn, config.cffn_ratio) == (0.5, True, 0.25)
     assert config.interaction_proj and config.interaction_drop_path_rate == 0.4
     for spec in specs:
-        if spec.is_convnext:
-            assert spec.backbone_config["depths"] == [3, 3, 27, 3]
+        if spec.is_convolutional:
+            assert spec.backbone_config.depths == [3, 3, 27, 3]
         else:
-            large = spec.backbone_config["hidden_size"] == 1024
+            large = spec.backbone_config.hidden_size == 1024
             expected = (24, 16, 4096) if large else (12, 12, 3072)
             backbone = spec.backbone_config
-            assert (backbone["num_hidden_layers"], backbone["num_attention_heads"], backbone["intermediate_size"]) == (
-                expected
-            )
-            assert backbone["hidden_act"] == "quick_gelu"
+            assert (backbone.num_hidden_layers, backbone.num_attention_heads, backbone.intermediate_size) == expected
+            assert backbone.hidden_act == "quick_gelu"
             assert spec.patch_size == (14 if name == "piip_vision_clip-l14_336" else 16)
 
 
@@ -144,7 +143,7 @@ def test_tiny_configs_are_tiny_and_run(name):
     assert parameters == cost_of(name).parameters  # the meta-device count agrees with a real model
     with torch.no_grad():
         feature_maps = model(torch.randn(1, 3, config.image_size, config.image_size)).feature_maps
-    widths_and_grids = [spec.final_geometry() for spec in config.branch_specs]
+    widths_and_grids = [branch.final_geometry() for branch in config.branches]
     assert [tuple(feature_map.shape) for feature_map in feature_maps] == [
         (1, width, grid, grid) for width, grid in widths_and_grids
     ]

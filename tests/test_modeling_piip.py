@@ -20,6 +20,7 @@ from conftest import (
     tiny_vision_config,
     two_clip_branches,
 )
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -99,7 +100,7 @@ def test_zero_gated_resnet_branch_equals_its_backbone(tmp_path):
     with torch.no_grad():
         output = model(pixel_values)
         expected = ResNetModel.from_pretrained(resnet_dir).eval()(pixel_values).last_hidden_state
-    assert model.config.branch_specs[1].num_blocks() == 5
+    assert model.config.branches[1].num_blocks() == 5
     assert output.feature_maps[1].shape == (2, 32, 4, 4)
     torch.testing.assert_close(output.feature_maps[1], expected, atol=1e-5, rtol=0)
     assert output.class_tokens[1] is None
@@ -183,7 +184,7 @@ def test_patch_kernel_is_resampled_and_position_grid_kept(tmp_path):
     expected = F.interpolate(source.patch_embedding.weight, size=(16, 16), mode="bicubic", align_corners=False)
     torch.testing.assert_close(branch.embeddings.patch_embedding.weight, expected)
     torch.testing.assert_close(branch.embeddings.position_embedding.weight, source.position_embedding.weight)
-    assert model.config.branches[1]["pretrain_grid_size"] == 4
+    assert model.config.branches[1].pretrain_grid_size == 4
     assert model(torch.randn(1, 3, 96, 96)).feature_maps[1].shape == (1, 32, 6, 6)
     assert resample_patch_kernel(expected, 16) is expected
 
@@ -229,7 +230,8 @@ def naive_deformable_attention(module: DeformableCrossAttention, query, query_gr
 
 def test_deformable_attention_matches_naive_sampling_including_outside_points():
     torch.manual_seed(0)
-    module = DeformableCrossAttention(query_dim=16, feat_dim=12, num_heads=2, num_points=3, value_ratio=0.5)
+    config = tiny_vision_config(two_clip_branches(), deform_num_heads=2, deform_num_points=3, deform_ratio=0.5)
+    module = DeformableCrossAttention(config, query_dim=16, feat_dim=12)
     with torch.no_grad():
         module.sampling_offsets.weight.normal_(0, 1.0)  # large offsets: many points land outside the map
         module.sampling_offsets.bias.normal_(0, 2.0)
@@ -247,7 +249,8 @@ def test_deformable_attention_matches_naive_sampling_including_outside_points():
 
 
 def test_deformable_attention_initial_offsets_follow_head_directions():
-    module = DeformableCrossAttention(query_dim=16, feat_dim=16, num_heads=4, num_points=2, value_ratio=0.5)
+    config = tiny_vision_config(two_clip_branches(), deform_num_heads=4, deform_num_points=2, deform_ratio=0.5)
+    module = DeformableCrossAttention(config, query_dim=16, feat_dim=16)
     bias = module.initial_offset_bias().view(4, 2, 2)
     expected_directions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
     torch.testing.assert_close(bias[:, 0], expected_directions, atol=1e-6, rtol=0)
@@ -404,5 +407,93 @@ def test_unknown_backbone_and_attention_are_rejected():
     branches[0]["backbone_config"] = {"model_type": "bert"}
     with pytest.raises(ValueError, match="Unsupported branch backbone model_type 'bert'"):
         tiny_vision_config(branches)
-    with pytest.raises(ValueError, match="interaction_attention must be one of"):
+    with pytest.raises(StrictDataclassFieldValidationError, match="interaction_attention.*expected one of"):
         tiny_vision_config(two_clip_branches(), interaction_attention="global")
+
+
+# ----- properties transformers' own testers check (tests/models/clip) -------------------------------
+def test_hidden_states_of_every_branch_in_documented_order():
+    config = tiny_vision_config(three_branches())  # CLIP (class token), SigLIP, ConvNeXt
+    model = PIIPVisionModel(config).eval()  # zero gates: the last block's output is the final map
+    pixel_values = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        output = model(pixel_values, output_hidden_states=True)
+    assert [len(states) for states in output.hidden_states] == [1 + branch.num_blocks() for branch in config.branches]
+    clip_states, siglip_states, convnext_states = output.hidden_states
+    assert all(state.shape == (2, 1 + 4, 48) for state in clip_states)  # class token + 2x2 grid
+    assert all(state.shape == (2, 16, 32) for state in siglip_states)
+    convnext = config.branches[2]
+    block_geometry = [convnext.geometry_after_block(block) for block in range(convnext.num_blocks())]
+    assert [tuple(state.shape[1:]) for state in convnext_states[1:]] == [(side**2, width) for width, side in block_geometry]
+    for states, feature_map in zip(output.hidden_states, output.feature_maps):
+        last = states[-1][:, -feature_map.shape[-1] * feature_map.shape[-2] :]
+        torch.testing.assert_close(last, feature_map.flatten(2).transpose(1, 2), atol=0, rtol=0)
+
+
+def test_attentions_of_every_vit_branch_need_eager_attention():
+    config = tiny_vision_config(three_branches())
+    model = PIIPVisionModel(config).eval()
+    pixel_values = torch.randn(1, 3, 96, 96)
+    with pytest.raises(ValueError, match="output_attentions needs eager attention"):
+        model(pixel_values, output_attentions=True)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(pixel_values, output_attentions=True).attentions
+    assert [len(branch) for branch in attentions] == [2, 2, 0]
+    assert all(attention.shape == (1, 4, 5, 5) for attention in attentions[0])  # heads, class token + 2x2
+    assert all(attention.shape == (1, 2, 16, 16) for attention in attentions[1])
+    torch.testing.assert_close(attentions[1][0].sum(-1), torch.ones(1, 2, 16))
+
+
+def test_return_dict_false_gives_a_tuple_and_unknown_arguments_are_refused():
+    model = PIIPVisionModel(tiny_vision_config(two_clip_branches())).eval()
+    pixel_values = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        as_tuple = model(pixel_values, return_dict=False)
+        as_output = model(pixel_values)
+    assert isinstance(as_tuple, tuple)
+    for actual, expected in zip(as_tuple[0], as_output.feature_maps):
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'output_hidden_state'"):
+        model(pixel_values, output_hidden_state=True)
+
+
+def test_position_id_buffers_are_initialised_after_loading(tmp_path):
+    PIIPVisionModel(tiny_vision_config(three_branches())).save_pretrained(tmp_path)
+    model = PIIPVisionModel.from_pretrained(tmp_path)
+    buffers = {name: buffer for name, buffer in model.named_buffers() if name.endswith("position_ids")}
+    assert len(buffers) == 2  # the CLIP and the SigLIP branch
+    for buffer in buffers.values():
+        torch.testing.assert_close(buffer, torch.arange(buffer.shape[-1]).expand(1, -1), atol=0, rtol=0)
+
+
+def test_enable_input_require_grads_lets_adapters_train_under_reentrant_checkpointing():
+    """Frozen backbones, one trainable layer in the second branch's first group (what PEFT leaves trainable)."""
+    model = PIIPVisionModel(tiny_vision_config(two_clip_branches()))
+    model.requires_grad_(False)
+    trainable = model.branches[1].layers[0]
+    trainable.requires_grad_(True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    assert model.get_input_embeddings() is model.branches[0].embeddings.patch_embedding
+    model.enable_input_require_grads()
+    model(torch.randn(1, 3, 128, 128)).feature_maps[1].sum().backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in trainable.parameters())
+
+
+def test_patch_stride_runs_a_resampled_kernel_at_the_pretrained_stride():
+    """Official checkpoints with pretrain_patch_size 14 and patch_size 16: a 16x16 kernel at stride 14."""
+    strided = {"backbone_config": tiny_clip_backbone(32, 2, 2, image_size=56, patch=14), "image_size": 72,
+               "interaction_groups": [[0, 0], [1, 1]], "patch_size": 16, "patch_stride": 14}
+    config = tiny_vision_config([two_clip_branches()[0], strided])
+    assert config.output_grid_size == (72 - 16) // 14 + 1 == 5
+    model = PIIPVisionModel(config).eval()
+    pixel_values = torch.randn(1, 3, 72, 72)
+    branch = model.branches[1]
+    with torch.no_grad():
+        patches = branch.embeddings.patch_embedding(pixel_values)
+        expected = F.conv2d(pixel_values, branch.embeddings.patch_embedding.weight, stride=14)
+        feature_maps = model(pixel_values).feature_maps
+    torch.testing.assert_close(patches, expected, atol=0, rtol=0)
+    assert feature_maps[1].shape == (1, 32, 5, 5)
+    assert config.to_dict()["branches"][1]["patch_stride"] == 14

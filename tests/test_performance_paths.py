@@ -120,7 +120,8 @@ def test_cached_forward_equals_uncached_forward():
 
 # ----- deformable attention constants ------------------------------------------------------------
 def test_sampling_constants_are_built_once_per_shape_and_equal_fresh_ones():
-    module = DeformableCrossAttention(query_dim=16, feat_dim=16, num_heads=2, num_points=2, value_ratio=0.5)
+    config = tiny_vision_config(two_clip_branches(), deform_num_heads=2, deform_num_points=2, deform_ratio=0.5)
+    module = DeformableCrossAttention(config, query_dim=16, feat_dim=16)
     reference, normaliser = module.sampling_constants((2, 3), (4, 5), torch.device("cpu"))
     again, _ = module.sampling_constants((2, 3), (4, 5), torch.device("cpu"))
     assert again is reference
@@ -135,13 +136,13 @@ def test_sampling_constants_are_built_once_per_shape_and_equal_fresh_ones():
 def test_sdpa_is_the_default_and_eager_attention_gives_the_same_output():
     model = tiny_model()
     assert model.config._attn_implementation == "sdpa"
-    assert all(branch.backbone_config._attn_implementation == "sdpa" for branch in model.branches)
+    assert all(branch.config._attn_implementation == "sdpa" for branch in model.branches)
     pixel_values = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         sdpa = model(pixel_values).feature_maps
         model.set_attn_implementation("eager")
         eager = model(pixel_values).feature_maps
-    assert all(branch.backbone_config._attn_implementation == "eager" for branch in model.branches)
+    assert all(branch.config._attn_implementation == "eager" for branch in model.branches)
     for expected, actual in zip(sdpa, eager):
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
@@ -150,7 +151,7 @@ def test_eager_attention_can_be_chosen_at_construction():
     config = tiny_vision_config(two_clip_branches())
     config._attn_implementation = "eager"
     model = PIIPVisionModel(config)
-    assert all(branch.backbone_config._attn_implementation == "eager" for branch in model.branches)
+    assert all(branch.config._attn_implementation == "eager" for branch in model.branches)
 
 
 # ----- torch.compile ------------------------------------------------------------------------------

@@ -128,3 +128,54 @@ def test_chat_session_streams_and_keeps_the_image_in_the_first_turn(tiny_model_d
     assert stream.getvalue().split() == f"{first}\n{second}\n".split()
     prompt = processor.apply_chat_template(session.messages, tokenize=False)
     assert prompt.count("<image>") == 1 and len(session.messages) == 4
+
+
+# ----- mixed batches, construction without a token count, serving-engine sizing -------------------
+def test_batch_mixing_text_only_and_image_prompts(tiny_model_dir, rgb_image):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    prompts = ["What is two plus two?", "<image>\nWhat colour is the circle?"]
+    mixed = processor(text=prompts, images=[[], [rgb_image]], padding=True, return_tensors="pt")
+    alone = processor(text=prompts[1:], images=[rgb_image], return_tensors="pt")
+    image_tokens = (mixed["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+    assert image_tokens == [0, processor.num_image_tokens]
+    torch.testing.assert_close(mixed["pixel_values"], alone["pixel_values"], atol=0, rtol=0)
+    text_only = processor(text=prompts[:1], images=[[]], return_tensors="pt")
+    assert "pixel_values" not in text_only and not (text_only["input_ids"] == processor.image_token_id).any()
+
+
+def test_chat_template_batch_mixing_text_only_and_image_conversations(tiny_model_dir, rgb_image):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    text_only = [{"role": "user", "content": "And the square?"}, {"role": "assistant", "content": "Blue."}]
+    with_image = [
+        {"role": "user", "content": [{"type": "image", "image": rgb_image}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "Red."},
+    ]
+    batch = processor.apply_chat_template(
+        [text_only, with_image], tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+        padding=True, return_tensors="pt",
+    )
+    image_tokens = (batch["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+    assert image_tokens == [0, processor.num_image_tokens]
+    assert batch["pixel_values"].shape == (1, 3, 128, 128)
+    for row, answer in zip(range(2), ("Blue.", "Red.")):
+        masked = batch["input_ids"][row][batch["assistant_masks"][row].bool()]
+        assert answer in processor.tokenizer.decode(masked)
+
+
+def test_processor_builds_without_num_image_tokens_and_says_what_is_missing(tiny_model_dir, rgb_image):
+    loaded = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor = PIIPLlavaProcessor(loaded.image_processor, loaded.tokenizer)
+    assert processor(text=["No image here."], return_tensors="pt")["input_ids"].shape[0] == 1
+    with pytest.raises(ValueError, match="has no num_image_tokens.*from_model_config"):
+        processor(text=["<image>\nWhat?"], images=[rgb_image], return_tensors="pt")
+
+
+def test_num_multimodal_tokens_agree_with_the_real_expansion(tiny_model_dir, rgb_image):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    sizes = [(60, 80), (300, 20)]
+    data = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    images = [rgb_image, rgb_image.resize((20, 300))]
+    inputs = processor(text=["<image>\nA", "<image>\nB"], images=images, padding=True, return_tensors="pt")
+    expanded = (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+    assert data.num_image_tokens == expanded
+    assert data.num_image_patches == [1, 1]

@@ -12,6 +12,7 @@ Official names -> ours:
 | `branchN.interaction_indexes`                 | `branches[N-1].interaction_groups`             |
 | `branchN.patch_size`                          | `branches[N-1].patch_size` (the stored kernel) |
 | `pretrain_size / pretrain_patch_size`         | `branches[N-1].pretrain_grid_size`             |
+| `pretrain_patch_size` when it differs from `patch_size` | `branches[N-1].patch_stride` (the official convolution kept it) |
 | `branchN.use_cls_token` (default False)       | `branches[N-1].use_cls_token`                  |
 
 Absent backbone keys take the official config class's defaults (`OFFICIAL_BACKBONE_DEFAULTS`).
@@ -125,6 +126,10 @@ def _branch_entry(number: int, official: dict, checkpoint_dir: str, shapes: dict
             "pretrain_grid_size": backbone["image_size"] // pretrain_patch,
             "use_cls_token": bool(official.get("use_cls_token", False)),
         }
+        if entry["patch_size"] != pretrain_patch:
+            # The official wrapper resamples the kernel into the pretrained convolution's weight, which keeps its
+            # stride: such checkpoints ran (and were trained) with a patch_size kernel at stride pretrain_patch.
+            entry["patch_stride"] = pretrain_patch
         problems = check_clip_against_shapes(entry, local_shapes) if local_shapes else []
     elif kind == "convnext_timm":
         unknown = set(official) - KNOWN_CONVNEXT_BRANCH_KEYS - IGNORED_BRANCH_KEYS

@@ -20,6 +20,8 @@ from transformers.utils import logging
 
 from .answer_request import ANSWERING_METHODS, AnswerRequest
 from .answers_file import append_answers, count_keys, repair_answers_file
+from .likelihood import most_likely_replies
+from .prompts import chat_prompt
 
 logger = logging.get_logger(__name__)
 
@@ -69,16 +71,6 @@ def load_model_and_processor(model_dir: str, device: str | None = None, dtype: s
     return model, processor
 
 
-def user_turn(question: str) -> dict:
-    """The chat message every benchmark question becomes: the image, then the question."""
-    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-
-
-def chat_prompt(processor, question: str) -> str:
-    """One user turn holding the image and the question, followed by an open assistant turn."""
-    return processor.apply_chat_template([user_turn(question)], add_generation_prompt=True, tokenize=False)
-
-
 @torch.inference_mode()
 def answer_batch(model, processor, questions: Sequence[str], images: Sequence[Image.Image], max_new_tokens: int):
     """Greedy answers for one batch, decoded from the newly generated tokens only."""
@@ -121,8 +113,6 @@ def answer_record(fields: dict, text: str, model_id: str, metadata: dict | None 
 def answers_by_likelihood(model, processor, requests: Sequence[AnswerRequest], images: Sequence[Image.Image],
                           model_id: str) -> list[dict]:
     """Answer records whose text is each request's most likely choice, with every choice's log-likelihood."""
-    from .likelihood import most_likely_replies
-
     for request in requests:
         if not request.choices:
             raise ValueError(f"Question {request.key} has no choices, so it cannot be answered by likelihood.")

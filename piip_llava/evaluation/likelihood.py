@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from .generation import chat_prompt, user_turn
+from .prompts import chat_prompt, user_turn
 
 
 def conversation_with_reply(processor, question: str, reply: str) -> str:

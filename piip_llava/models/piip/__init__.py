@@ -1,4 +1,4 @@
-from .configuration_piip import BranchSpec, PIIPVisionConfig
+from .configuration_piip import PIIPBranchConfig, PIIPVisionConfig
 from .configuration_piip_perception import PerceptionBranchConfig, PIIPPerceptionConfig
 from .modeling_piip import PIIPPreTrainedModel, PIIPVisionModel, PIIPVisionModelOutput
 from .modeling_piip_perception import (
@@ -9,8 +9,8 @@ from .modeling_piip_perception import (
 )
 
 __all__ = [
-    "BranchSpec",
     "PIIPBackbone",
+    "PIIPBranchConfig",
     "PIIPForImageClassification",
     "PIIPPerceptionConfig",
     "PIIPPerceptionModel",

@@ -4,21 +4,52 @@ Every branch maps an image to a `BranchState` (tokens on a grid, plus an optiona
 and runs any contiguous range of its blocks on that state. The pyramid model only ever talks to
 branches through this interface, so ViT-style and convolutional (ConvNeXt, ResNet) backbones mix
 freely.
+
+Each adapter is a small `PreTrainedModel` whose config is the branch's backbone sub-config (the very
+object inside `PIIPVisionConfig.branches[i]`), so `set_attn_implementation`, dtype and device
+handling, `_no_split_modules` and weight initialisation reach it as they reach any transformers
+sub-model. Adapters are registered by backbone `model_type` with `register_branch_adapter`; a new
+branch type is an adapter class here plus its family in `configuration_piip.BRANCH_FAMILIES`.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
-from transformers.models.convnext.modeling_convnext import ConvNextEmbeddings, ConvNextStage
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, CLIPVisionEmbeddings
+from transformers.models.convnext.modeling_convnext import ConvNextEmbeddings, ConvNextLayer, ConvNextStage
 from transformers.models.resnet.modeling_resnet import ResNetEmbeddings, ResNetEncoder
-from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionEmbeddings
+from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipEncoderLayer, SiglipVisionEmbeddings
 
-from .configuration_piip import BranchSpec
+from .configuration_piip import PIIPBranchConfig
+
+BRANCH_ADAPTERS: dict[str, type[PIIPBranchModel]] = {}
+
+
+def register_branch_adapter(*model_types: str):
+    """Class decorator: the adapter builds branches whose backbone has one of `model_types`."""
+
+    def register(adapter_class: type[PIIPBranchModel]) -> type[PIIPBranchModel]:
+        for model_type in model_types:
+            BRANCH_ADAPTERS[model_type] = adapter_class
+        return adapter_class
+
+    return register
+
+
+def build_branch(branch_config: PIIPBranchConfig) -> PIIPBranchModel:
+    adapter_class = BRANCH_ADAPTERS.get(branch_config.backbone_type)
+    if adapter_class is None:
+        raise ValueError(
+            f"No branch adapter for backbone type {branch_config.backbone_type!r}; registered: {', '.join(BRANCH_ADAPTERS)}."
+        )
+    return adapter_class(branch_config)
 
 
 @dataclass
@@ -33,6 +64,75 @@ class BranchState:
         """The tokens as a (batch, C, H, W) map."""
         batch, _, channels = self.tokens.shape
         return self.tokens.transpose(1, 2).reshape(batch, channels, *self.grid)
+
+    def sequence(self) -> torch.Tensor:
+        """(batch, [1 +] H*W, C): the class token (if carried) followed by the grid tokens, as a hidden state."""
+        if self.class_token is None:
+            return self.tokens
+        return torch.cat([self.class_token, self.tokens], dim=1)
+
+
+def tokens_from_map(feature_map: torch.Tensor) -> torch.Tensor:
+    """A (batch, C, H, W) map as contiguous (batch, H*W, C) tokens, ready for a Linear layer."""
+    return feature_map.flatten(2).transpose(1, 2).contiguous()
+
+
+class PIIPBranchModel(PreTrainedModel):
+    """What every branch adapter shares; `config` is the branch's backbone config.
+
+    Subclasses build `embed(pixel_values) -> BranchState`, `run_blocks(state, first, last)` and
+    `num_blocks`, and initialise their own layers in `_init_weights`.
+    """
+
+    config_class = PreTrainedConfig
+    base_model_prefix = "branch"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, branch_config: PIIPBranchConfig):
+        super().__init__(branch_config.backbone_config)
+        self.image_size = branch_config.image_size
+
+    @property
+    def initializer_range(self) -> float:
+        return getattr(self.config, "initializer_range", 0.02)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        init_common_layer(module, self.initializer_range)
+
+
+def init_common_layer(module: nn.Module, std: float) -> None:
+    """The initialisation every part of the encoder shares: truncated-normal Linears, normal convolutions and
+    embeddings, unit norms."""
+    if isinstance(module, nn.Linear):
+        init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, (nn.Conv2d, nn.Embedding)):
+        init.normal_(module.weight, std=std)
+        if getattr(module, "bias", None) is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+
+
+def interpolate_position_grid(grid_embedding: torch.Tensor, target_grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a (G*G, C) position table to the target grid, bicubically in fp32; returns (H*W, C)."""
+    num_positions, channels = grid_embedding.shape
+    side = round(num_positions**0.5)
+    if side * side != num_positions:
+        raise ValueError(f"Position embedding with {num_positions} entries is not a square grid.")
+    if (side, side) == tuple(target_grid):
+        return grid_embedding
+    table = grid_embedding.float().reshape(1, side, side, channels).permute(0, 3, 1, 2)
+    table = F.interpolate(table, size=target_grid, mode="bicubic", align_corners=False)
+    return table.permute(0, 2, 3, 1).reshape(-1, channels).to(grid_embedding.dtype)
 
 
 @dataclass(frozen=True)
@@ -53,46 +153,40 @@ VIT_FAMILIES = {
 }
 
 
-def interpolate_position_grid(grid_embedding: torch.Tensor, target_grid: tuple[int, int]) -> torch.Tensor:
-    """Resize a (G*G, C) position table to the target grid, bicubically in fp32; returns (H*W, C)."""
-    num_positions, channels = grid_embedding.shape
-    side = round(num_positions**0.5)
-    if side * side != num_positions:
-        raise ValueError(f"Position embedding with {num_positions} entries is not a square grid.")
-    if (side, side) == tuple(target_grid):
-        return grid_embedding
-    table = grid_embedding.float().reshape(1, side, side, channels).permute(0, 3, 1, 2)
-    table = F.interpolate(table, size=target_grid, mode="bicubic", align_corners=False)
-    return table.permute(0, 2, 3, 1).reshape(-1, channels).to(grid_embedding.dtype)
+@register_branch_adapter(*VIT_FAMILIES)
+class ViTBranch(PIIPBranchModel):
+    """CLIP or SigLIP vision transformer as a PIIP branch (no post-LayerNorm, no pooling head).
 
+    The embeddings are built for the branch's patch kernel and the pretrained position grid
+    (`pretrain_grid_size`, interpolated at run time); the patch convolution runs at `patch_stride`.
+    """
 
-class ViTBranch(nn.Module):
-    """CLIP or SigLIP vision transformer as a PIIP branch (no post-LayerNorm, no pooling head)."""
+    _no_split_modules = ["CLIPEncoderLayer", "SiglipEncoderLayer"]
+    _input_embed_layer = "patch_embedding"
+    _can_record_outputs = {"attentions": [CLIPAttention, SiglipAttention]}
 
-    def __init__(self, spec: BranchSpec, attn_implementation: str | None = None):
-        super().__init__()
-        if spec.backbone_type not in VIT_FAMILIES:
-            raise ValueError(f"No ViT adapter for backbone type {spec.backbone_type!r}.")
-        family = VIT_FAMILIES[spec.backbone_type]
-        backbone_config = spec.build_backbone_config()
-        if attn_implementation is not None:
-            backbone_config._attn_implementation = attn_implementation
-        self.backbone_config = backbone_config
-        self.image_size = spec.image_size
-        self.patch_size = spec.patch_size
+    def __init__(self, branch_config: PIIPBranchConfig):
+        super().__init__(branch_config)
+        family = VIT_FAMILIES[branch_config.backbone_type]
+        config = self.config
+        self.patch_size = branch_config.patch_size
         self.has_class_token = family.has_class_token
-        self.use_cls_token = spec.use_cls_token and family.has_class_token
-        self.embeddings = family.embeddings_class(backbone_config)
+        self.use_cls_token = branch_config.use_cls_token and family.has_class_token
+        self.embeddings = family.embeddings_class(embedding_config(branch_config))
+        self.embeddings.patch_embedding.stride = (branch_config.patch_stride, branch_config.patch_stride)
         self.pre_layernorm = (
-            nn.LayerNorm(backbone_config.hidden_size, eps=backbone_config.layer_norm_eps)
-            if family.has_pre_layernorm
-            else nn.Identity()
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if family.has_pre_layernorm else nn.Identity()
         )
-        self.layers = nn.ModuleList(
-            [family.layer_class(backbone_config) for _ in range(backbone_config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([family.layer_class(config) for _ in range(config.num_hidden_layers)])
         # grid -> (cache key, interpolated table); see `patch_position_embeddings`.
         self._position_cache: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, (CLIPVisionEmbeddings, SiglipVisionEmbeddings)):
+            if isinstance(module, CLIPVisionEmbeddings):
+                init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 
     @property
     def num_blocks(self) -> int:
@@ -143,17 +237,29 @@ class ViTBranch(nn.Module):
         class_token = sequence[:, :1] if self.use_cls_token else None
         return BranchState(tokens=sequence[:, 1:], grid=grid, class_token=class_token)
 
-    def run_blocks(self, state: BranchState, first: int, last: int) -> BranchState:
+    def run_blocks(self, state: BranchState, first: int, last: int, hidden_states: list | None = None) -> BranchState:
+        """Blocks `first..last` on `state`; each block's output is appended to `hidden_states` when given."""
         has_class = state.class_token is not None
-        hidden = torch.cat([state.class_token, state.tokens], dim=1) if has_class else state.tokens
+        hidden = state.sequence()
         for layer in self.layers[first : last + 1]:
             hidden = layer(hidden, None)
+            if hidden_states is not None:
+                hidden_states.append(hidden)
         if has_class:
             return BranchState(tokens=hidden[:, 1:], grid=state.grid, class_token=hidden[:, :1])
         return BranchState(tokens=hidden, grid=state.grid)
 
 
-class ConvolutionalBranch(nn.Module):
+def embedding_config(branch_config: PIIPBranchConfig) -> PreTrainedConfig:
+    """The backbone config as the embeddings need it: the branch's patch kernel and the pretrained position
+    grid (so the tables have the stored shapes)."""
+    config = copy.deepcopy(branch_config.backbone_config)
+    config.patch_size = branch_config.patch_size
+    config.image_size = branch_config.pretrain_grid_size * branch_config.patch_size
+    return config
+
+
+class ConvolutionalBranch(PIIPBranchModel):
     """What every convolutional branch shares: its blocks map a (batch, C, H, W) map to another, which
     may change the grid and the width, so the state is rebuilt from the feature map after each range.
 
@@ -164,11 +270,6 @@ class ConvolutionalBranch(nn.Module):
     gradient_checkpointing = False
     blocks: list[nn.Module]
 
-    def __init__(self, spec: BranchSpec):
-        super().__init__()
-        self.backbone_config = spec.build_backbone_config()
-        self.image_size = spec.image_size
-
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
@@ -176,16 +277,20 @@ class ConvolutionalBranch(nn.Module):
     def _run_block(self, block: nn.Module, feature_map: torch.Tensor) -> torch.Tensor:
         return block(feature_map)
 
-    def run_blocks(self, state: BranchState, first: int, last: int) -> BranchState:
+    def run_blocks(self, state: BranchState, first: int, last: int, hidden_states: list | None = None) -> BranchState:
+        """Blocks `first..last` on `state`; each block's output tokens are appended to `hidden_states` when given."""
         feature_map = state.feature_map()
         for block in self.blocks[first : last + 1]:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 feature_map = self._gradient_checkpointing_func(self._run_block, block, feature_map)
             else:
                 feature_map = self._run_block(block, feature_map)
+            if hidden_states is not None:
+                hidden_states.append(tokens_from_map(feature_map))
         return _state_from_map(feature_map)
 
 
+@register_branch_adapter("convnext")
 class ConvNextBranch(ConvolutionalBranch):
     """transformers' ConvNext as a PIIP branch.
 
@@ -193,9 +298,12 @@ class ConvNextBranch(ConvolutionalBranch):
     stage's ConvNeXt layers.
     """
 
-    def __init__(self, spec: BranchSpec):
-        super().__init__(spec)
-        config = self.backbone_config
+    _no_split_modules = ["ConvNextLayer"]
+    _input_embed_layer = "patch_embeddings"
+
+    def __init__(self, branch_config: PIIPBranchConfig):
+        super().__init__(branch_config)
+        config = self.config
         self.embeddings = ConvNextEmbeddings(config)
         layer_rates = linear_rates(config.drop_path_rate, sum(config.depths))
         stage_starts = [sum(config.depths[:stage]) for stage in range(len(config.depths))]
@@ -214,6 +322,11 @@ class ConvNextBranch(ConvolutionalBranch):
             )
             in_channels = out_channels
         self.blocks = self._flat_blocks()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ConvNextLayer) and module.layer_scale_parameter is not None:
+            init.constant_(module.layer_scale_parameter, self.config.layer_scale_init_value)
 
     def _flat_blocks(self) -> list[nn.Module]:
         blocks = []
@@ -235,6 +348,7 @@ class ConvNextBranch(ConvolutionalBranch):
         return block(feature_map)
 
 
+@register_branch_adapter("resnet")
 class ResNetBranch(ConvolutionalBranch):
     """transformers' ResNet (basic or bottleneck layers, batch norm) as a PIIP branch.
 
@@ -244,11 +358,29 @@ class ResNetBranch(ConvolutionalBranch):
     Parameter names are `ResNetModel`'s, with `encoder.` dropped.
     """
 
-    def __init__(self, spec: BranchSpec):
-        super().__init__(spec)
-        self.embedder = ResNetEmbeddings(self.backbone_config)
-        self.stages = ResNetEncoder(self.backbone_config).stages
+    _no_split_modules = ["ResNetBasicLayer", "ResNetBottleNeckLayer"]
+
+    def __init__(self, branch_config: PIIPBranchConfig):
+        super().__init__(branch_config)
+        self.embedder = ResNetEmbeddings(self.config)
+        self.stages = ResNetEncoder(self.config).stages
         self.blocks = [layer for stage in self.stages for layer in stage.layers]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """ResNet's own He init for convolutions and unit batch norms, as transformers' ResNet does."""
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        else:
+            super()._init_weights(module)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embedder.embedder.convolution
 
     def embed(self, pixel_values: torch.Tensor) -> BranchState:
         weight = self.embedder.embedder.convolution.weight
@@ -256,7 +388,7 @@ class ResNetBranch(ConvolutionalBranch):
 
 
 def _state_from_map(feature_map: torch.Tensor) -> BranchState:
-    return BranchState(tokens=feature_map.flatten(2).transpose(1, 2), grid=tuple(feature_map.shape[-2:]))
+    return BranchState(tokens=tokens_from_map(feature_map), grid=tuple(feature_map.shape[-2:]))
 
 
 def linear_rates(last: float, count: int) -> list[float]:
@@ -265,11 +397,3 @@ def linear_rates(last: float, count: int) -> list[float]:
     if count <= 1:
         return [0.0] * count
     return [last * index / (count - 1) for index in range(count)]
-
-
-def build_branch(spec: BranchSpec, attn_implementation: str | None = None) -> nn.Module:
-    if spec.is_convnext:
-        return ConvNextBranch(spec)
-    if spec.is_resnet:
-        return ResNetBranch(spec)
-    return ViTBranch(spec, attn_implementation=attn_implementation)

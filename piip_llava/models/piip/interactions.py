@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .configuration_piip import PIIPVisionConfig
+
 Grid = tuple[int, int]
 
 
@@ -44,14 +46,11 @@ class DeformableCrossAttention(nn.Module):
     compiled kernels of the reference implementation do.
     """
 
-    def __init__(self, query_dim: int, feat_dim: int, num_heads: int, num_points: int, value_ratio: float):
+    def __init__(self, config: PIIPVisionConfig, query_dim: int, feat_dim: int):
         super().__init__()
-        value_dim = int(query_dim * value_ratio)
-        if value_dim % num_heads:
-            raise ValueError(
-                f"Deformable attention: value width {value_dim} (= {query_dim} x {value_ratio}) is not divisible by "
-                f"{num_heads} heads."
-            )
+        # The config checked that the value width splits evenly into heads.
+        num_heads, num_points = config.deform_num_heads, config.deform_num_points
+        value_dim = int(query_dim * config.deform_ratio)
         self.num_heads = num_heads
         self.num_points = num_points
         self.head_dim = value_dim // num_heads
@@ -108,18 +107,18 @@ class DeformableCrossAttention(nn.Module):
         # sampled: (batch * heads, head_dim, queries, points); weights -> (batch * heads, 1, queries, points)
         weights = weights.permute(0, 2, 1, 3).reshape(batch * self.num_heads, 1, num_queries, self.num_points)
         attended = (sampled * weights).sum(dim=-1)  # (batch * heads, head_dim, queries)
-        attended = attended.view(batch, self.num_heads * self.head_dim, num_queries).transpose(1, 2)
+        # (batch, queries, heads * head_dim), contiguous for the Linear
+        attended = attended.view(batch, self.num_heads * self.head_dim, num_queries).transpose(1, 2).contiguous()
         return self.output_proj(attended.to(query.dtype))
 
 
 class PlainCrossAttention(nn.Module):
     """Standard multi-head cross attention from the query tokens to all feature tokens."""
 
-    def __init__(self, query_dim: int, feat_dim: int, num_heads: int):
+    def __init__(self, config: PIIPVisionConfig, query_dim: int, feat_dim: int):
         super().__init__()
-        if query_dim % num_heads:
-            raise ValueError(f"Cross attention: width {query_dim} is not divisible by {num_heads} heads.")
-        self.num_heads = num_heads
+        # The config checked that the query width splits evenly into heads.
+        self.num_heads = config.deform_num_heads
         self.wq = nn.Linear(query_dim, query_dim, bias=False)
         self.wk = nn.Linear(feat_dim, query_dim, bias=False)
         self.wv = nn.Linear(feat_dim, query_dim, bias=False)
@@ -146,19 +145,20 @@ class DepthwiseConvOverGrid(nn.Module):
     def forward(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
         batch, _, dim = tokens.shape
         feature_map = tokens.transpose(1, 2).reshape(batch, dim, *grid)
-        return self.dwconv(feature_map).flatten(2).transpose(1, 2)
+        return self.dwconv(feature_map).flatten(2).transpose(1, 2).contiguous()  # (batch, H*W, dim)
 
 
 class ConvFFN(nn.Module):
     """Linear -> depthwise 3x3 conv on the token grid -> GELU -> Linear: an MLP that also mixes neighbours."""
 
-    def __init__(self, dim: int, hidden_dim: int, dropout: float):
+    def __init__(self, config: PIIPVisionConfig, dim: int):
         super().__init__()
+        hidden_dim = int(dim * config.cffn_ratio)
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.dwconv = DepthwiseConvOverGrid(hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(config.interaction_dropout)
 
     def forward(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
         hidden = self.act(self.dwconv(self.fc1(tokens), grid))
@@ -191,21 +191,19 @@ def interaction_norm(config, dim: int) -> nn.Module:
 class Injector(nn.Module):
     """Updates one branch's tokens with what it reads from another branch, through zero-initialised gates."""
 
-    def __init__(self, config, query_dim: int, feat_dim: int, drop_path: float):
+    def __init__(self, config: PIIPVisionConfig, query_dim: int, feat_dim: int, drop_path: float):
         super().__init__()
         self.query_norm = interaction_norm(config, query_dim)
         self.feat_norm = interaction_norm(config, feat_dim)
         if config.interaction_attention == "deform":
-            self.attn = DeformableCrossAttention(
-                query_dim, feat_dim, config.deform_num_heads, config.deform_num_points, config.deform_ratio
-            )
+            self.attn = DeformableCrossAttention(config, query_dim, feat_dim)
         else:
-            self.attn = PlainCrossAttention(query_dim, feat_dim, config.deform_num_heads)
+            self.attn = PlainCrossAttention(config, query_dim, feat_dim)
         self.attn_gate = nn.Parameter(torch.zeros(query_dim))
         self.with_cffn = config.with_cffn
         if self.with_cffn:
             self.ffn_norm = interaction_norm(config, query_dim)
-            self.ffn = ConvFFN(query_dim, int(query_dim * config.cffn_ratio), config.interaction_dropout)
+            self.ffn = ConvFFN(config, query_dim)
             self.ffn_gate = nn.Parameter(torch.zeros(query_dim))
             self.drop_path = DropPath(drop_path)
 
@@ -224,7 +222,7 @@ class BidirectionalInteractionUnit(GradientCheckpointingLayer):
     injections does not matter.
     """
 
-    def __init__(self, config, dim_a: int, dim_b: int, drop_path: float):
+    def __init__(self, config: PIIPVisionConfig, dim_a: int, dim_b: int, drop_path: float):
         super().__init__()
         self.use_projection = config.interaction_proj
         if self.use_projection:
@@ -238,8 +236,9 @@ class BidirectionalInteractionUnit(GradientCheckpointingLayer):
     def forward(
         self, tokens_a: torch.Tensor, grid_a: Grid, tokens_b: torch.Tensor, grid_b: Grid
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        feat_for_a = self.proj_b_to_a(tokens_b) if self.use_projection else tokens_b
-        feat_for_b = self.proj_a_to_b(tokens_a) if self.use_projection else tokens_a
+        # A ViT branch's tokens are a slice beside its class token: contiguous copies for the Linears.
+        feat_for_a = self.proj_b_to_a(tokens_b.contiguous()) if self.use_projection else tokens_b
+        feat_for_b = self.proj_a_to_b(tokens_a.contiguous()) if self.use_projection else tokens_a
         new_a = self.injector_into_a(tokens_a, grid_a, feat_for_a, grid_b)
         new_b = self.injector_into_b(tokens_b, grid_b, feat_for_b, grid_a)
         return new_a, new_b

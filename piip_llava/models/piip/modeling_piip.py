@@ -9,11 +9,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
-from transformers.models.convnext.modeling_convnext import ConvNextLayer
 from transformers.utils import ModelOutput, logging
+from transformers.utils.output_capturing import capture_outputs
 
-from .branches import BranchState, ConvNextBranch, ResNetBranch, ViTBranch, build_branch, linear_rates
+from .branches import (
+    BranchState,
+    ConvNextBranch,
+    PIIPBranchModel,
+    ResNetBranch,
+    ViTBranch,
+    build_branch,
+    init_common_layer,
+    linear_rates,
+)
 from .configuration_piip import PIIPVisionConfig
 from .interactions import BidirectionalInteractionUnit, DeformableCrossAttention, Injector
 from .pretrained_branches import build_from_pretrained_branches
@@ -29,10 +37,20 @@ class PIIPVisionModelOutput(ModelOutput):
             map, in branch order (largest model / lowest resolution first).
         class_tokens (`tuple[torch.FloatTensor | None]`): each branch's final class token (batch, C_i),
             or None for branches without one.
+        hidden_states (`tuple[tuple[torch.FloatTensor]]`, *optional*): with `output_hidden_states`, one tuple
+            per branch in branch order: the embedding output, then the output of each block in block order,
+            as (batch, tokens, C) sequences (a carried class token first; a convolutional branch's grid
+            flattened row-major, its width that of the block's stage). A block's output is taken before the
+            interaction that follows its group updates the branch.
+        attentions (`tuple[tuple[torch.FloatTensor]]`, *optional*): with `output_attentions` (eager attention),
+            one tuple per branch in branch order holding each layer's (batch, heads, tokens, tokens) attention
+            map in layer order; empty for convolutional branches.
     """
 
     feature_maps: tuple[torch.FloatTensor, ...] | None = None
     class_tokens: tuple[torch.FloatTensor | None, ...] | None = None
+    hidden_states: tuple[tuple[torch.FloatTensor, ...], ...] | None = None
+    attentions: tuple[tuple[torch.FloatTensor, ...], ...] | None = None
 
 
 class PIIPInteraction(nn.Module):
@@ -40,13 +58,12 @@ class PIIPInteraction(nn.Module):
 
     def __init__(self, config: PIIPVisionConfig, interaction_index: int, drop_path: float):
         super().__init__()
-        specs = config.branch_specs
+        branches = config.branches
         units = []
-        for pair in range(len(specs) - 1):
-            last_a = specs[pair].interaction_groups[interaction_index][1]
-            last_b = specs[pair + 1].interaction_groups[interaction_index][1]
-            dim_a = specs[pair].geometry_after_block(last_a)[0]
-            dim_b = specs[pair + 1].geometry_after_block(last_b)[0]
+        for pair in range(len(branches) - 1):
+            branch_a, branch_b = branches[pair], branches[pair + 1]
+            dim_a = branch_a.geometry_after_block(branch_a.interaction_groups[interaction_index][1])[0]
+            dim_b = branch_b.geometry_after_block(branch_b.interaction_groups[interaction_index][1])[0]
             units.append(BidirectionalInteractionUnit(config, dim_a, dim_b, drop_path))
         self.units = nn.ModuleList(units)
 
@@ -68,69 +85,29 @@ class PIIPPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = [
-        "CLIPEncoderLayer",
-        "SiglipEncoderLayer",
-        "ConvNextLayer",
-        "ResNetBasicLayer",
-        "ResNetBottleNeckLayer",
-        "BidirectionalInteractionUnit",
-    ]
+    # The branches add their own layers (see `PIIPVisionModel.__init__`).
+    _no_split_modules = ["BidirectionalInteractionUnit"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Interaction layers as the reference implementation initialises them; backbone layers the usual way.
+        """Interaction layers as the reference implementation initialises them.
 
-        transformers applies this to children before parents and skips modules without parameters
-        of their own, so the deformable attention is initialised from its parent injector, after
-        (and over) the generic Linear initialisation of its layers.
+        Each branch is a sub-model with its own `_init_weights`. transformers applies this to
+        children before parents and skips modules without parameters of their own, so the
+        deformable attention is initialised from its parent injector, after (and over) the
+        generic Linear initialisation of its layers.
         """
-        std = self.config.initializer_range
         if isinstance(module, Injector):
             init.zeros_(module.attn_gate)
             if module.with_cffn:
                 init.zeros_(module.ffn_gate)
             if isinstance(module.attn, DeformableCrossAttention):
                 init_deformable_attention(module.attn)
-        elif isinstance(module, CLIPVisionEmbeddings):
-            init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
-        elif isinstance(module, ConvNextLayer):
-            if module.layer_scale_parameter is not None:
-                init.constant_(module.layer_scale_parameter, self.convnext_layer_scale_init())
-        elif isinstance(module, nn.Conv2d) and self.is_resnet_convolution(module):
-            # ResNet's own He init rather than the small normal init below, as transformers' ResNet does.
-            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            init.zeros_(module.running_mean)
-            init.ones_(module.running_var)
-            init.zeros_(module.num_batches_tracked)
-        elif isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, (nn.Conv2d, nn.Embedding)):
-            init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-
-    def is_resnet_convolution(self, module: nn.Module) -> bool:
-        """Whether `module` belongs to a ResNet branch. Asked of the convolution itself: the init pass
-        skips modules without parameters of their own, such as ResNet's conv + norm layers."""
-        resnet_branches = [branch for branch in getattr(self, "branches", ()) if isinstance(branch, ResNetBranch)]
-        return any(module is candidate for branch in resnet_branches for candidate in branch.modules())
-
-    def convnext_layer_scale_init(self) -> float:
-        values = [
-            spec.backbone_config.get("layer_scale_init_value", 1e-6) for spec in self.config.branch_specs if spec.is_convnext
-        ]
-        return values[0] if values else 1e-6
+        else:
+            init_common_layer(module, self.config.initializer_range)
 
 
 def init_deformable_attention(module: DeformableCrossAttention) -> None:
@@ -146,18 +123,28 @@ def init_deformable_attention(module: DeformableCrossAttention) -> None:
 
 
 class PIIPVisionModel(PIIPPreTrainedModel):
-    """The PIIP encoder: returns every branch's final feature map (see `PIIPVisionModelOutput`)."""
+    """The PIIP encoder: returns every branch's final feature map (see `PIIPVisionModelOutput`).
+
+    With `output_hidden_states` it also returns each branch's hidden states and with
+    `output_attentions` (eager attention) each ViT branch's attention maps, grouped by branch in
+    branch order; see `PIIPVisionModelOutput` for the order within a branch.
+    """
+
+    _can_record_outputs = {"attentions": []}  # recorded by the ViT branches (`ViTBranch._can_record_outputs`)
 
     def __init__(self, config: PIIPVisionConfig):
         super().__init__(config)
-        attn_implementation = config._attn_implementation
-        self.branches = nn.ModuleList([build_branch(spec, attn_implementation) for spec in config.branch_specs])
+        for branch_config in config.branches:  # the branches attend as the encoder does
+            branch_config.backbone_config._attn_implementation_internal = config._attn_implementation
+        self.branches = nn.ModuleList([build_branch(branch_config) for branch_config in config.branches])
         drop_path_rates = linear_rates(config.interaction_drop_path_rate, config.num_interactions)
         self.interactions = nn.ModuleList(
             [PIIPInteraction(config, index, drop_path_rates[index]) for index in range(config.num_interactions)]
         )
-        # Each branch's [first, last] block range per interaction, read once (the config rebuilds specs on access).
-        self.branch_block_ranges = [spec.interaction_groups for spec in config.branch_specs]
+        # device_map must not split a branch's layers; post_init only gathers this from direct children.
+        self._no_split_modules = sorted(
+            set(self._no_split_modules).union(*(branch._no_split_modules for branch in self.branches))
+        )
         self.post_init()
 
     @classmethod
@@ -172,9 +159,17 @@ class PIIPVisionModel(PIIPPreTrainedModel):
         """Build the encoder from saved backbones (e.g. a `CLIPVisionModel` and a `ConvNextModel` directory).
 
         The interactions are freshly initialised with zero gates, so the result computes exactly
-        what the backbones compute alone until it is trained. See `pretrained_branches.py`.
+        what the backbones compute alone until it is trained. A resampled patch kernel runs at a
+        stride equal to its size. See `pretrained_branches.py`.
         """
-        return build_from_pretrained_branches(branch_dirs, image_sizes, interaction_groups, patch_sizes, **config_kwargs)
+        return build_from_pretrained_branches(
+            cls, branch_dirs, image_sizes, interaction_groups, patch_sizes, **config_kwargs
+        )
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The first branch's patch embedding. `enable_input_require_grads` hooks every branch's own, as each branch
+        is a sub-model exposing its patch embedding."""
+        return self.branches[0].get_input_embeddings()
 
     def train(self, mode: bool = True) -> PIIPVisionModel:
         """Training mode, except for batch-norm layers whose weights are frozen.
@@ -215,17 +210,6 @@ class PIIPVisionModel(PIIPPreTrainedModel):
                 f"{expected}x{expected} images (its highest branch resolution); use PIIPImageProcessor."
             )
 
-    def sync_branch_attention(self) -> None:
-        """Make every ViT branch use the encoder's attention implementation (`sdpa` unless chosen otherwise).
-
-        The branches keep their own backbone configs, which `set_attn_implementation` (on this model
-        or on a PIIP-LLaVA around it) does not reach; the current choice is copied over before each run.
-        """
-        wanted = self.config._attn_implementation
-        for branch in self.branches:
-            if isinstance(branch, ViTBranch) and branch.backbone_config._attn_implementation != wanted:
-                branch.backbone_config._attn_implementation = wanted
-
     def compilable_blocks(self) -> list[nn.Module]:
         """The modules `compile_blocks` compiles: every transformer / ConvNeXt / ResNet layer and every interaction unit."""
         blocks = []
@@ -249,25 +233,77 @@ class PIIPVisionModel(PIIPPreTrainedModel):
             block.compile(**compile_options)
         return self
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> PIIPVisionModelOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> PIIPVisionModelOutput | tuple:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(batch, 3, image_size, image_size)`): images at the encoder's
+            resolution (`config.image_size`), as `PIIPImageProcessor` makes them.
+        output_hidden_states (`bool`, *optional*): also return every branch's hidden states.
+        output_attentions (`bool`, *optional*): also return every ViT branch's attention maps (eager attention).
+        return_dict (`bool`, *optional*): `False` returns a tuple of the output's fields that are set.
+        """
         self.check_pixel_values(pixel_values)
-        self.sync_branch_attention()
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output = self.run_pyramid(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
+        if output_attentions:
+            output.attentions = self.attentions_by_branch(output.attentions)
+        return output if return_dict else output.to_tuple()
+
+    @capture_outputs
+    def run_pyramid(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> PIIPVisionModelOutput:
+        """The encoder's computation; `capture_outputs` records the ViT branches' attention maps in the order the
+        layers run (interaction group by group, branch by branch)."""
         states = [branch.embed(image) for branch, image in zip(self.branches, self.resize_for_branches(pixel_values))]
+        hidden_states = [[state.sequence()] for state in states] if output_hidden_states else None
         for interaction_index, interaction in enumerate(self.interactions):
             states = [
-                branch.run_blocks(state, *block_ranges[interaction_index])
-                for branch, state, block_ranges in zip(self.branches, states, self.branch_block_ranges)
+                branch.run_blocks(
+                    state,
+                    *branch_config.interaction_groups[interaction_index],
+                    hidden_states=None if hidden_states is None else hidden_states[index],
+                )
+                for index, (branch, branch_config, state) in enumerate(zip(self.branches, self.config.branches, states))
             ]
             states = interaction(states)
-        output = PIIPVisionModelOutput(
+        return PIIPVisionModelOutput(
             feature_maps=tuple(state.feature_map() for state in states),
             class_tokens=tuple(None if state.class_token is None else state.class_token[:, 0] for state in states),
+            hidden_states=None if hidden_states is None else tuple(tuple(branch) for branch in hidden_states),
         )
-        return output if return_dict is not False else output.to_tuple()
+
+    def attentions_by_branch(self, attentions: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """The attention maps recorded in running order, regrouped per branch in layer order."""
+        attention_branches = [index for index, branch in enumerate(self.branches) if isinstance(branch, ViTBranch)]
+        expected = sum(self.branches[index].num_blocks for index in attention_branches)
+        if len(attentions) != expected:
+            raise ValueError(
+                f"output_attentions needs eager attention: {len(attentions)} of {expected} attention maps were returned "
+                f"with attn_implementation={self.config._attn_implementation!r}; load the model with "
+                "attn_implementation='eager' or call set_attn_implementation('eager')."
+            )
+        by_branch = [[] for _ in self.branches]
+        remaining = iter(attentions)
+        for interaction_index in range(self.config.num_interactions):
+            for index in attention_branches:
+                first, last = self.config.branches[index].interaction_groups[interaction_index]
+                by_branch[index].extend(next(remaining) for _ in range(last - first + 1))
+        return tuple(tuple(branch) for branch in by_branch)
 
 
 __all__ = [
     "ConvNextBranch",
+    "PIIPBranchModel",
     "PIIPPreTrainedModel",
     "PIIPVisionModel",
     "PIIPVisionModelOutput",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 from transformers.utils import logging
 
-from .configuration_piip import _BACKBONE_NOISE_KEYS, CONV_BACKBONE_TYPES, PIIPVisionConfig
+from .configuration_piip import BRANCH_FAMILIES, PIIPVisionConfig, backbone_config_dict
 
 logger = logging.get_logger(__name__)
 
@@ -40,14 +40,9 @@ def branch_dict_from_pretrained(
     use_cls_token: bool | None = None,
 ) -> dict:
     """A branch entry for `PIIPVisionConfig.branches` whose architecture is the checkpoint's own."""
-    backbone_config = AutoConfig.from_pretrained(pretrained_dir)
-    backbone = {
-        key: value
-        for key, value in backbone_config.to_dict().items()
-        if not key.startswith("_") and key not in _BACKBONE_NOISE_KEYS
-    }
+    backbone = backbone_config_dict(AutoConfig.from_pretrained(pretrained_dir))
     branch = {"backbone_config": backbone, "image_size": image_size, "interaction_groups": interaction_groups}
-    if backbone["model_type"] not in CONV_BACKBONE_TYPES:
+    if BRANCH_FAMILIES.get(backbone["model_type"]) == "vit":
         branch["patch_size"] = patch_size or backbone["patch_size"]
         branch["pretrain_grid_size"] = backbone["image_size"] // backbone["patch_size"]
         if use_cls_token is not None:
@@ -61,7 +56,7 @@ def branch_state_dict(backbone_type: str, backbone_state: dict[str, torch.Tensor
     for name, tensor in backbone_state.items():
         if name.startswith(UNUSED_BACKBONE_PREFIXES):
             continue
-        if backbone_type in CONV_BACKBONE_TYPES:
+        if BRANCH_FAMILIES.get(backbone_type) != "vit":
             name = name.replace("encoder.stages.", "stages.")
         else:
             name = name.replace("pre_layrnorm.", "pre_layernorm.").replace("encoder.layers.", "layers.")
@@ -72,23 +67,23 @@ def branch_state_dict(backbone_type: str, backbone_state: dict[str, torch.Tensor
 
 
 def build_from_pretrained_branches(
+    model_class: type,
     branch_dirs: list[str | os.PathLike],
     image_sizes: list[int],
     interaction_groups: list[list[list[int]]],
     patch_sizes: list[int | None] | None = None,
     **config_kwargs,
 ):
-    """A `PIIPVisionModel` whose branches carry the weights of the given checkpoints.
+    """A `model_class` (`PIIPVisionModel` or a subclass) whose branches carry the weights of the given checkpoints.
 
     Args:
+        model_class: the encoder class to build.
         branch_dirs: one saved backbone directory per branch (largest model first).
         image_sizes: the resolution of each branch.
         interaction_groups: per branch, its `[first, last]` block ranges.
         patch_sizes: per ViT branch, the patch size to use (a different pretrained kernel is resampled).
         config_kwargs: other `PIIPVisionConfig` fields (attention type, heads, ...).
     """
-    from .modeling_piip import PIIPVisionModel  # the model module imports this one
-
     counts = {len(branch_dirs), len(image_sizes), len(interaction_groups)}
     if len(counts) != 1:
         raise ValueError("branch_dirs, image_sizes and interaction_groups need one entry per branch.")
@@ -98,10 +93,10 @@ def build_from_pretrained_branches(
         for directory, size, groups, patch in zip(branch_dirs, image_sizes, interaction_groups, patch_sizes)
     ]
     config = PIIPVisionConfig(branches=branches, **config_kwargs)
-    model = PIIPVisionModel(config)
-    for index, (directory, branch, spec) in enumerate(zip(branch_dirs, model.branches, config.branch_specs)):
+    model = model_class(config)
+    for index, (directory, branch, branch_config) in enumerate(zip(branch_dirs, model.branches, config.branches)):
         backbone = AutoModel.from_pretrained(directory)
-        state = branch_state_dict(spec.backbone_type, backbone.state_dict(), spec.patch_size)
+        state = branch_state_dict(branch_config.backbone_type, backbone.state_dict(), branch_config.patch_size)
         result = branch.load_state_dict(state, strict=False)
         missing = [name for name in result.missing_keys if not name.endswith("position_ids")]
         if missing or result.unexpected_keys:

@@ -1,14 +1,15 @@
 """Configuration of PIIP-LLaVA: a PIIP vision encoder, a multi-branch projector and a causal LM."""
 
-from __future__ import annotations
+from typing import Literal
 
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from ..piip.configuration_piip import PIIPVisionConfig
-from .projector import PROJECTOR_NORMS
 
 
+@strict
 class PIIPLlavaConfig(PreTrainedConfig):
     r"""
     Configuration of [`PIIPLlavaForConditionalGeneration`].
@@ -36,7 +37,7 @@ class PIIPLlavaConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     image_token_index: int = 32000
-    projector_norm: str = "group_norm"
+    projector_norm: Literal["group_norm", "layer_norm"] = "group_norm"
     projector_num_groups: int = 32
     projector_output_grid_size: int | None = None
     projector_antialias: bool = False
@@ -44,8 +45,12 @@ class PIIPLlavaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.projector_norm not in PROJECTOR_NORMS:
-            raise ValueError(f"projector_norm must be one of {PROJECTOR_NORMS}, got {self.projector_norm!r}.")
+        width = self.text_config.hidden_size
+        if self.projector_norm == "group_norm" and width % self.projector_num_groups:
+            raise ValueError(
+                f"The projector's width (the text model's hidden_size {width}) is not divisible into "
+                f"projector_num_groups {self.projector_num_groups} GroupNorm groups."
+            )
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PROJECTOR_NORMS = ("group_norm", "layer_norm")
+if TYPE_CHECKING:
+    from .configuration_piip_llava import PIIPLlavaConfig
 
 
 def resize_to_grid(feature_map: torch.Tensor, grid: tuple[int, int], antialias: bool = False) -> torch.Tensor:
@@ -27,14 +30,13 @@ def resize_to_grid(feature_map: torch.Tensor, grid: tuple[int, int], antialias: 
 class BranchProjector(nn.Module):
     """Linear -> norm over channels -> GELU -> Linear for one branch's tokens."""
 
-    def __init__(self, in_dim: int, out_dim: int, norm: str, num_groups: int):
+    def __init__(self, config: PIIPLlavaConfig, in_dim: int):
         super().__init__()
+        out_dim = config.text_config.hidden_size
         self.linear_1 = nn.Linear(in_dim, out_dim)
-        self.norm_type = norm
-        if norm == "group_norm":
-            if out_dim % num_groups:
-                raise ValueError(f"Projector width {out_dim} is not divisible into {num_groups} GroupNorm groups.")
-            self.norm = nn.GroupNorm(num_groups, out_dim)
+        self.norm_type = config.projector_norm
+        if self.norm_type == "group_norm":  # the config checked that the groups divide the width
+            self.norm = nn.GroupNorm(config.projector_num_groups, out_dim)
         else:
             self.norm = nn.LayerNorm(out_dim)
         self.act = nn.GELU()
@@ -44,7 +46,7 @@ class BranchProjector(nn.Module):
         hidden = self.linear_1(tokens)  # (batch, tokens, out_dim)
         if self.norm_type == "group_norm":
             # GroupNorm normalises over channel groups and all positions: (batch, out_dim, tokens)
-            hidden = self.norm(hidden.transpose(1, 2)).transpose(1, 2)
+            hidden = self.norm(hidden.transpose(1, 2)).transpose(1, 2).contiguous()
         else:
             hidden = self.norm(hidden)
         return self.linear_2(self.act(hidden))
@@ -54,25 +56,16 @@ class PIIPMultiBranchProjector(nn.Module):
     """Brings every branch map to one grid, projects each with its own MLP and sums them.
 
     The grid is the last (highest-resolution) branch's final grid unless a fixed output grid is
-    configured; the resizing is bilinear in fp32, as in the released models, antialiased on request.
+    configured (`projector_output_grid_size`); the resizing is bilinear in fp32, as in the released
+    models, antialiased on request (`projector_antialias`).
     """
 
-    def __init__(
-        self,
-        branch_widths: list[int],
-        out_dim: int,
-        norm: str = "group_norm",
-        num_groups: int = 32,
-        output_grid_size: int | None = None,
-        antialias: bool = False,
-    ):
+    def __init__(self, config: PIIPLlavaConfig):
         super().__init__()
-        if norm not in PROJECTOR_NORMS:
-            raise ValueError(f"projector_norm must be one of {PROJECTOR_NORMS}, got {norm!r}.")
-        self.output_grid_size = output_grid_size
-        self.antialias = antialias
+        self.output_grid_size = config.projector_output_grid_size
+        self.antialias = config.projector_antialias
         self.branches = nn.ModuleList(
-            [BranchProjector(width, out_dim, norm, num_groups) for width in branch_widths]
+            [BranchProjector(config, width) for width in config.vision_config.branch_output_widths]
         )
 
     def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -83,6 +76,7 @@ class PIIPMultiBranchProjector(nn.Module):
         grid = (side, side) if side is not None else tuple(feature_maps[-1].shape[-2:])
         projected = None
         for feature_map, projector in zip(feature_maps, self.branches):
-            tokens = projector(resize_to_grid(feature_map, grid, self.antialias).flatten(2).transpose(1, 2))
+            resized = resize_to_grid(feature_map, grid, self.antialias)
+            tokens = projector(resized.flatten(2).transpose(1, 2).contiguous())  # (batch, H*W, C_i)
             projected = tokens if projected is None else projected + tokens
         return projected
