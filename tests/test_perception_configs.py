@@ -12,6 +12,7 @@ from piip_llava.cli import main
 from piip_llava.conversion.perception import (
     PerceptionConversionError,
     config_json,
+    official_table_figures,
     perception_config_from_file,
     perception_config_from_official,
 )
@@ -112,16 +113,7 @@ def test_unknown_keys_and_branch_types_are_refused_by_name():
 
 
 def official_table() -> dict[str, tuple[float | None, float]]:
-    """config name -> (#Param in M or None, #FLOPs in G) from the official released-model tables."""
-    rows = {}
-    for line in (RELEASED / "released_models_tables.md").read_text().splitlines():
-        config = re.search(r"\[(?:cfg|config)\]\([^)]*/([^/)]+)\.py\)", line)
-        flops = re.search(r"\|\s*([\d.]+)G\s*\|", line)
-        if not config or not flops:
-            continue
-        params = re.search(r"\|\s*([\d.]+)M\s*\|", line)
-        rows[config.group(1)] = (float(params.group(1)) if params else None, float(flops.group(1)))
-    return rows
+    return official_table_figures((RELEASED / "released_models_tables.md").read_text())
 
 
 @pytest.mark.parametrize(

@@ -483,6 +483,20 @@ def config_json(config: PIIPPerceptionConfig) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
+def official_table_figures(table_markdown: str) -> dict[str, tuple[float | None, float]]:
+    """Config name -> (#Param in M or None, #FLOPs in G) from the official released-model tables
+    (`released_models_tables.md`: one row per model, with a link to its config file)."""
+    rows = {}
+    for line in table_markdown.splitlines():
+        config = re.search(r"\[(?:cfg|config)\]\([^)]*/([^/)]+)\.py\)", line)
+        flops = re.search(r"\|\s*([\d.]+)G\s*\|", line)
+        if not config or not flops:
+            continue
+        params = re.search(r"\|\s*([\d.]+)M\s*\|", line)
+        rows[config.group(1)] = (float(params.group(1)) if params else None, float(flops.group(1)))
+    return rows
+
+
 def convert_perception_checkpoint(src: str, dst: str, codebase: str | None = None) -> PerceptionConversionReport:
     """Convert `src` (official `config.py` and weights) into `dst`; see the module docstring."""
     config_path = os.path.join(src, "config.py")
@@ -517,6 +531,7 @@ __all__ = [
     "config_json",
     "convert_perception_checkpoint",
     "map_official_state_dict",
+    "official_table_figures",
     "perception_config_from_file",
     "perception_config_from_official",
     "read_official_config",
