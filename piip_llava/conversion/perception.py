@@ -163,6 +163,8 @@ def _branch_config(branch: dict, codebase: str, index: int) -> dict:
     unknown = sorted(set(branch) - BRANCH_KEYS - INERT_BRANCH_KEYS)
     if unknown:
         raise PerceptionConversionError(f"branch{index}: unknown keys {unknown}; this port reads {sorted(BRANCH_KEYS)}.")
+    if branch.get("Mlp_block", "fused_mlp") != "fused_mlp":
+        raise PerceptionConversionError(f"branch{index}: Mlp_block={branch['Mlp_block']!r} is not understood ('fused_mlp').")
     branch_type = _branch_type(branch, codebase, index)
     dense_internvit = branch_type == "internvit" and codebase != "classification"
     depth = branch.get("depth", 48 if branch_type == "internvit" else 12)
