@@ -74,6 +74,23 @@ def test_official_pth_checkpoints_convert_like_safetensors(tmp_path):
     assert report["dropped"] == ["neck.lateral_convs.0.conv.weight"]
 
 
+def test_classification_pth_with_its_training_args_converts(tmp_path):
+    """classification/main.py saves {"model": ..., "args": argparse.Namespace, "epoch": ...}."""
+    import argparse
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.py").write_text((FIXTURES / "cls_3branch_tsb_deform" / "config.py").read_text())
+    state = load_file(FIXTURES / "cls_3branch_tsb_deform" / "model.safetensors")
+    args = argparse.Namespace(lr=5e-4, input_size=144, model="piip_3branch")
+    torch.save({"model": state, "args": args, "epoch": 299}, source / "checkpoint.pth")
+    converted = convert_from(source, tmp_path / "dst")
+    reference = load_file(FIXTURES / "cls_3branch_tsb_deform" / "official_outputs.safetensors")
+    with torch.no_grad():
+        logits = AutoModelForImageClassification.from_pretrained(converted).eval()(reference["pixel_values"]).logits
+    torch.testing.assert_close(logits, reference["logits"], atol=TOLERANCE, rtol=0)
+
+
 def convert_from(source: Path, destination: Path) -> Path:
     assert main(["convert", "--src", str(source), "--dst", str(destination)]) == 0
     return destination

@@ -31,6 +31,7 @@ classification `merge_branch1` -> `branch_merges.0`, `merge_branch{i}.{0,2,4}` -
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -279,7 +280,9 @@ def read_official_state_dict(src: str) -> dict[str, torch.Tensor]:
         )
     path = os.path.join(src, candidates[0])
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # classification/main.py saves its argparse.Namespace beside the weights ('args'): allowed as data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refuses anything but tensors and plain containers
         raise PerceptionConversionError(f"{path} cannot be read safely (weights_only=True): {error}") from error
     for key in ("model", "state_dict"):
