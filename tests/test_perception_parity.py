@@ -20,6 +20,8 @@ from piip_llava import PIIPBackbone
 from piip_llava.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official-piip-perception"
+# More official configurations, written by the official classification code run locally (see its README).
+LOCAL_FIXTURES = Path(__file__).parent / "fixtures" / "official-piip-perception-local"
 TOLERANCE = 1e-5
 
 
@@ -37,6 +39,21 @@ def test_classifier_logits_equal_the_official_ones(tmp_path):
     with torch.no_grad():
         logits = model(reference["pixel_values"]).logits
     assert logits.shape == reference["logits"].shape
+    torch.testing.assert_close(logits, reference["logits"], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["cls_2branch_shared_augreg_normal", "cls_3branch_shared_augreg_rms_qknorm", "cls_4branch_separate_deit_noproj"],
+)
+def test_more_official_classifiers_give_the_official_logits(tmp_path, case):
+    """2 and 4 branches, the shared head, AugReg / InternViT blocks (RMSNorm, qk-norm, layer scale),
+    plain-attention interactions and interactions without projections."""
+    assert main(["convert", "--src", str(LOCAL_FIXTURES / case), "--dst", str(tmp_path)]) == 0
+    reference = load_file(LOCAL_FIXTURES / case / "official_outputs.safetensors")
+    model = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        logits = model(reference["pixel_values"]).logits
     torch.testing.assert_close(logits, reference["logits"], atol=TOLERANCE, rtol=0)
 
 
