@@ -71,6 +71,21 @@ def test_detection_backbone_maps_equal_the_official_ones(tmp_path):
         torch.testing.assert_close(feature_map, reference[f"f{index}"], atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["det_2branch_internvit_dino_windows_padded", "det_4branch_deit_windows_padded_qkv"])
+def test_more_official_detection_backbones_give_the_official_maps(tmp_path, case):
+    """2 and 4 branches, InternViT branches, DINO outputs, windows that need padding (both
+    semantics), interactions without projections or norms, the 4-branch quirk."""
+    assert main(["convert", "--src", str(LOCAL_FIXTURES / case), "--dst", str(tmp_path)]) == 0
+    reference = load_file(LOCAL_FIXTURES / case / "official_outputs.safetensors")
+    model = PIIPBackbone.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        feature_maps = model(reference["pixel_values"]).feature_maps
+    expected = [reference[name] for name in sorted(name for name in reference if name.startswith("f"))]
+    assert len(feature_maps) == len(expected)
+    for feature_map, official in zip(feature_maps, expected):
+        torch.testing.assert_close(feature_map, official, atol=TOLERANCE, rtol=0)
+
+
 def test_official_pth_checkpoints_convert_like_safetensors(tmp_path):
     """Classification saves {"model": state_dict}; mmdet {"state_dict": ...} with a backbone. prefix
     beside the neck's tensors, which are dropped."""
