@@ -418,14 +418,16 @@ def test_hidden_states_of_every_branch_in_documented_order():
     pixel_values = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         output = model(pixel_values, output_hidden_states=True)
-    assert [len(states) for states in output.hidden_states] == [1 + branch.num_blocks() for branch in config.branches]
-    clip_states, siglip_states, convnext_states = output.hidden_states
+    by_branch = model.per_branch(output.hidden_states)
+    assert [len(states) for states in by_branch] == [1 + branch.num_blocks() for branch in config.branches]
+    assert output.hidden_states == tuple(state for states in by_branch for state in states)
+    clip_states, siglip_states, convnext_states = by_branch
     assert all(state.shape == (2, 1 + 4, 48) for state in clip_states)  # class token + 2x2 grid
     assert all(state.shape == (2, 16, 32) for state in siglip_states)
     convnext = config.branches[2]
     block_geometry = [convnext.geometry_after_block(block) for block in range(convnext.num_blocks())]
     assert [tuple(state.shape[1:]) for state in convnext_states[1:]] == [(side**2, width) for width, side in block_geometry]
-    for states, feature_map in zip(output.hidden_states, output.feature_maps):
+    for states, feature_map in zip(by_branch, output.feature_maps):
         last = states[-1][:, -feature_map.shape[-1] * feature_map.shape[-2] :]
         torch.testing.assert_close(last, feature_map.flatten(2).transpose(1, 2), atol=0, rtol=0)
 
@@ -434,12 +436,13 @@ def test_attentions_of_every_vit_branch_need_eager_attention():
     config = tiny_vision_config(three_branches())
     model = PIIPVisionModel(config).eval()
     pixel_values = torch.randn(1, 3, 96, 96)
-    with pytest.raises(ValueError, match="output_attentions needs eager attention"):
-        model(pixel_values, output_attentions=True)
+    with torch.no_grad():
+        assert model(pixel_values, output_attentions=True).attentions == ()  # sdpa computes no maps (and warns)
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        attentions = model(pixel_values, output_attentions=True).attentions
-    assert [len(branch) for branch in attentions] == [2, 2, 0]
+        flat = model(pixel_values, output_attentions=True).attentions
+    attentions = model.per_branch(flat, "attentions")
+    assert [len(branch) for branch in attentions] == [2, 2, 0] and len(flat) == 4
     assert all(attention.shape == (1, 4, 5, 5) for attention in attentions[0])  # heads, class token + 2x2
     assert all(attention.shape == (1, 2, 16, 16) for attention in attentions[1])
     torch.testing.assert_close(attentions[1][0].sum(-1), torch.ones(1, 2, 16))
@@ -452,7 +455,8 @@ def test_return_dict_false_gives_a_tuple_and_unknown_arguments_are_refused():
         as_tuple = model(pixel_values, return_dict=False)
         as_output = model(pixel_values)
     assert isinstance(as_tuple, tuple)
-    for actual, expected in zip(as_tuple[0], as_output.feature_maps):
+    torch.testing.assert_close(as_tuple[0], as_output.feature_maps[-1].flatten(2).transpose(1, 2), atol=0, rtol=0)
+    for actual, expected in zip(as_tuple[1], as_output.feature_maps):
         torch.testing.assert_close(actual, expected, atol=0, rtol=0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'output_hidden_state'"):
         model(pixel_values, output_hidden_state=True)

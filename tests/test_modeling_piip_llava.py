@@ -383,7 +383,7 @@ def test_image_features_follow_llava_output_convention():
     torch.testing.assert_close(output.last_hidden_state, maps[-1].flatten(2).transpose(1, 2))
     tokens = model.config.num_image_tokens
     assert [tuple(feature.shape) for feature in output.pooler_output] == [(tokens, 64), (tokens, 64)]
-    assert len(output.hidden_states) == vision_config.num_branches
+    assert len(output.hidden_states) == sum(1 + branch.num_blocks() for branch in vision_config.branches)
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], output.last_hidden_state)
 

@@ -33,24 +33,29 @@ logger = logging.get_logger(__name__)
 class PIIPVisionModelOutput(ModelOutput):
     """
     Args:
+        last_hidden_state (`torch.FloatTensor`): the last (highest-resolution) branch's final tokens,
+            (batch, H*W, C), row-major; C is `config.hidden_size`.
         feature_maps (`tuple[torch.FloatTensor]`): each branch's final tokens as a (batch, C_i, H_i, W_i)
             map, in branch order (largest model / lowest resolution first).
         class_tokens (`tuple[torch.FloatTensor | None]`): each branch's final class token (batch, C_i),
             or None for branches without one.
-        hidden_states (`tuple[tuple[torch.FloatTensor]]`, *optional*): with `output_hidden_states`, one tuple
-            per branch in branch order: the embedding output, then the output of each block in block order,
-            as (batch, tokens, C) sequences (a carried class token first; a convolutional branch's grid
+        hidden_states (`tuple[torch.FloatTensor]`, *optional*): with `output_hidden_states`, every branch's
+            hidden states, branch after branch in branch order (`PIIPVisionModel.per_branch` regroups them):
+            for each branch its embedding output, then the output of each block in block order, as
+            (batch, tokens, C) sequences (a carried class token first; a convolutional branch's grid
             flattened row-major, its width that of the block's stage). A block's output is taken before the
-            interaction that follows its group updates the branch.
-        attentions (`tuple[tuple[torch.FloatTensor]]`, *optional*): with `output_attentions` (eager attention),
-            one tuple per branch in branch order holding each layer's (batch, heads, tokens, tokens) attention
-            map in layer order; empty for convolutional branches.
+            interaction that follows its group updates the branch. The last entry is the last branch's
+            final block output.
+        attentions (`tuple[torch.FloatTensor]`, *optional*): with `output_attentions` (eager attention), every
+            ViT branch's (batch, heads, tokens, tokens) attention maps, branch after branch in branch order,
+            layers in order; convolutional branches have none.
     """
 
+    last_hidden_state: torch.FloatTensor | None = None
     feature_maps: tuple[torch.FloatTensor, ...] | None = None
     class_tokens: tuple[torch.FloatTensor | None, ...] | None = None
-    hidden_states: tuple[tuple[torch.FloatTensor, ...], ...] | None = None
-    attentions: tuple[tuple[torch.FloatTensor, ...], ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class PIIPInteraction(nn.Module):
@@ -126,8 +131,8 @@ class PIIPVisionModel(PIIPPreTrainedModel):
     """The PIIP encoder: returns every branch's final feature map (see `PIIPVisionModelOutput`).
 
     With `output_hidden_states` it also returns each branch's hidden states and with
-    `output_attentions` (eager attention) each ViT branch's attention maps, grouped by branch in
-    branch order; see `PIIPVisionModelOutput` for the order within a branch.
+    `output_attentions` (eager attention) each ViT branch's attention maps, branch after branch;
+    see `PIIPVisionModelOutput` for the order, and `per_branch` to regroup them.
     """
 
     _can_record_outputs = {"attentions": []}  # recorded by the ViT branches (`ViTBranch._can_record_outputs`)
@@ -255,7 +260,7 @@ class PIIPVisionModel(PIIPPreTrainedModel):
             pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
         if output_attentions:
-            output.attentions = self.attentions_by_branch(output.attentions)
+            output.attentions = self.attentions_in_branch_order(output.attentions)
         return output if return_dict else output.to_tuple()
 
     @capture_outputs
@@ -276,29 +281,49 @@ class PIIPVisionModel(PIIPPreTrainedModel):
                 for index, (branch, branch_config, state) in enumerate(zip(self.branches, self.config.branches, states))
             ]
             states = interaction(states)
+        feature_maps = tuple(state.feature_map() for state in states)
         return PIIPVisionModelOutput(
-            feature_maps=tuple(state.feature_map() for state in states),
+            last_hidden_state=feature_maps[-1].flatten(2).transpose(1, 2),  # (batch, H*W, C)
+            feature_maps=feature_maps,
             class_tokens=tuple(None if state.class_token is None else state.class_token[:, 0] for state in states),
-            hidden_states=None if hidden_states is None else tuple(tuple(branch) for branch in hidden_states),
+            hidden_states=None if hidden_states is None else tuple(state for branch in hidden_states for state in branch),
         )
 
-    def attentions_by_branch(self, attentions: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
-        """The attention maps recorded in running order, regrouped per branch in layer order."""
+    def attentions_in_branch_order(self, attentions: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The attention maps recorded in running order (group by group), reordered branch after branch.
+
+        Only eager attention computes the maps; with another implementation none are recorded and, as in
+        transformers' own models, the tuple is empty (with a warning saying how to get them).
+        """
         attention_branches = [index for index, branch in enumerate(self.branches) if isinstance(branch, ViTBranch)]
         expected = sum(self.branches[index].num_blocks for index in attention_branches)
         if len(attentions) != expected:
-            raise ValueError(
-                f"output_attentions needs eager attention: {len(attentions)} of {expected} attention maps were returned "
-                f"with attn_implementation={self.config._attn_implementation!r}; load the model with "
-                "attn_implementation='eager' or call set_attn_implementation('eager')."
+            logger.warning_once(
+                f"output_attentions returned {len(attentions)} of {expected} attention maps with "
+                f"attn_implementation={self.config._attn_implementation!r}: only eager attention computes them; load "
+                "the model with attn_implementation='eager' or call set_attn_implementation('eager')."
             )
+            return tuple(attentions)
         by_branch = [[] for _ in self.branches]
         remaining = iter(attentions)
         for interaction_index in range(self.config.num_interactions):
             for index in attention_branches:
                 first, last = self.config.branches[index].interaction_groups[interaction_index]
                 by_branch[index].extend(next(remaining) for _ in range(last - first + 1))
-        return tuple(tuple(branch) for branch in by_branch)
+        return tuple(attention for branch in by_branch for attention in branch)
+
+    def per_branch(self, outputs: tuple[torch.Tensor, ...], kind: str = "hidden_states") -> tuple[tuple, ...]:
+        """`hidden_states` or `attentions` of a `PIIPVisionModelOutput` grouped into one tuple per branch."""
+        if kind == "hidden_states":
+            counts = [1 + branch.num_blocks for branch in self.branches]
+        elif kind == "attentions":
+            counts = [branch.num_blocks if isinstance(branch, ViTBranch) else 0 for branch in self.branches]
+        else:
+            raise ValueError(f"kind must be 'hidden_states' or 'attentions', got {kind!r}.")
+        if len(outputs) != sum(counts):
+            raise ValueError(f"Expected {sum(counts)} {kind} for branches of {counts}, got {len(outputs)}.")
+        starts = [sum(counts[:index]) for index in range(len(counts))]
+        return tuple(tuple(outputs[start : start + count]) for start, count in zip(starts, counts))
 
 
 __all__ = [

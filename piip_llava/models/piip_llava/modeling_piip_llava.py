@@ -55,7 +55,7 @@ class PIIPLlavaModel(PIIPLlavaPreTrainedModel, LlavaModel):
         Returns `last_hidden_state`: the last (highest-resolution) branch's final tokens, (images,
         tokens, `vision_config.hidden_size`); `pooler_output`: the projected features, one
         (image_tokens, text hidden size) tensor per image; `hidden_states` / `attentions`: the
-        tower's, grouped by branch (see `PIIPVisionModelOutput`). `generate()` calls this once,
+        tower's, branch after branch (see `PIIPVisionModelOutput`). `generate()` calls this once,
         before prefill, and reuses the result.
         """
         vision_outputs = self.vision_tower(
@@ -65,9 +65,8 @@ class PIIPLlavaModel(PIIPLlavaPreTrainedModel, LlavaModel):
             return_dict=True,
         )
         image_features = self.multi_modal_projector(vision_outputs.feature_maps)  # (images, tokens, hidden)
-        last_map = vision_outputs.feature_maps[-1]
         return BaseModelOutputWithPooling(
-            last_hidden_state=last_map.flatten(2).transpose(1, 2),  # (images, H*W, C)
+            last_hidden_state=vision_outputs.last_hidden_state,  # (images, H*W, C)
             pooler_output=list(image_features),
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
