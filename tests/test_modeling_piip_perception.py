@@ -57,6 +57,7 @@ def test_separate_heads_average_each_branch_head_on_its_top_left_patch_token():
         logits = model(pixel_values).logits
     torch.testing.assert_close(logits, expected)
     assert all(token is not None for token in outputs.class_tokens)
+    torch.testing.assert_close(outputs.last_hidden_state, outputs.feature_maps[-1].flatten(2).transpose(1, 2))
 
 
 def test_shared_head_merges_resizes_weights_then_averages_tokens():

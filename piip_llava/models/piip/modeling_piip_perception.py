@@ -328,6 +328,7 @@ class PIIPPerceptionModel(PIIPPerceptionPreTrainedModel):
             ]
             states = interaction(states)
         output = PIIPVisionModelOutput(
+            last_hidden_state=states[-1].tokens,  # (batch, H*W, C) of the last branch, as PIIPVisionModel
             feature_maps=tuple(state.feature_map() for state in states),
             class_tokens=tuple(None if state.class_token is None else state.class_token[:, 0] for state in states),
         )
