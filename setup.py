@@ -14,7 +14,7 @@ setup(
     include_package_data=True,
     package_data={
         "piip_llava": ["assets/**/*"],
-        "piip_llava.configs": ["*.json"],
+        "piip_llava.configs": ["*.json", "perception/*.json"],
         "piip_llava.evaluation.lmms": ["tasks/*"],
     },
     python_requires=">=3.10",

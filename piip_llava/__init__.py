@@ -6,14 +6,23 @@ classes, so `AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor` and
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForImageClassification,
     AutoModelForImageTextToText,
     AutoProcessor,
 )
 
-from .models.piip import PIIPVisionConfig, PIIPVisionModel
+from .models.piip import (
+    PIIPBackbone,
+    PIIPForImageClassification,
+    PIIPPerceptionConfig,
+    PIIPPerceptionModel,
+    PIIPVisionConfig,
+    PIIPVisionModel,
+)
 from .models.piip.image_processing_piip import PIIPImageProcessor
 from .models.piip_llava import (
     PIIPLlavaConfig,
@@ -30,15 +39,23 @@ AutoModel.register(PIIPLlavaConfig, PIIPLlavaModel)
 AutoModelForImageTextToText.register(PIIPLlavaConfig, PIIPLlavaForConditionalGeneration)
 AutoImageProcessor.register(PIIPLlavaConfig, image_processor_classes={"pil": PIIPImageProcessor})
 AutoProcessor.register(PIIPLlavaConfig, PIIPLlavaProcessor)
+AutoConfig.register(PIIPPerceptionConfig.model_type, PIIPPerceptionConfig)
+AutoModel.register(PIIPPerceptionConfig, PIIPPerceptionModel)
+AutoModelForImageClassification.register(PIIPPerceptionConfig, PIIPForImageClassification)
+AutoBackbone.register(PIIPPerceptionConfig, PIIPBackbone)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PIIPBackbone",
+    "PIIPForImageClassification",
     "PIIPImageProcessor",
     "PIIPLlavaConfig",
     "PIIPLlavaForConditionalGeneration",
     "PIIPLlavaModel",
     "PIIPLlavaProcessor",
+    "PIIPPerceptionConfig",
+    "PIIPPerceptionModel",
     "PIIPVisionConfig",
     "PIIPVisionModel",
 ]

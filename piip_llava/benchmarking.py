@@ -1,11 +1,14 @@
 """Speed and memory benchmarks of the PIIP encoder and of PIIP-LLaVA generation, on one machine in one run.
 
-Three suites, each timed with warm-up runs, several repetitions and the median:
+Four suites, each timed with warm-up runs, several repetitions and the median:
 
 - `encoder`: every requested PIIP variant (random weights, real sizes, batch 1), the same branches
   run bare (embedding and all blocks at their own resolution, no interactions) and the
   single-branch CLIP-L/336 baseline (transformers' `CLIPVisionModel`), with GFLOPs from
   `piip_llava.flops` and the achieved GFLOP/s against the machine's matmul peak;
+- `perception`: a perception backbone (default: the PIIP-TSB 1568/1120/672 Mask R-CNN backbone)
+  whole, without its merges and output scales, its bare branches, and the official single-branch
+  detection baseline (DeiT-B at 1024 with windows), giving the interaction and merge overheads;
 - `matmul`: that peak, a large dense `torch.mm` in the same dtype with the same thread count;
 - `generate`: `generate()` prefill and cached decode speed of a small PIIP-LLaVA against
   transformers' `LlavaForConditionalGeneration` with the same LLM weights and a CLIP tower of
@@ -383,6 +386,125 @@ def run_encoder_suite(variants: list[str], settings: BenchSettings, matmul: dict
     return {"matmul_peak": matmul, "cases": [case.to_dict() for case in cases], "interaction_overhead": overheads}
 
 
+# ----- perception suite -------------------------------------------------------------------------
+DEFAULT_PERCEPTION_VARIANTS = ("mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16",)
+# The official single-branch detection baseline (mmdetection/configs/piip/baseline/mask_rcnn_deit_vit_b_fpn_1x_coco_bs16.py):
+# DeiT-B at 1024, windows of 14 in two of every three layers.
+PERCEPTION_BASELINE = {
+    "image_size": 1024, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "position_grid": 14, "window_sizes": [14, 14, None] * 4, "interaction_groups": [[0, 11]],
+}  # fmt: skip
+PERCEPTION_BASELINE_NAME = "ViT-B @ 1024 (DeiT-B, windows 14 in 8 of 12 layers; official detection baseline)"
+
+
+def _meta_gflops(build: Callable[[], torch.nn.Module], run: Callable[[torch.nn.Module, torch.Tensor], object], shape) -> float:
+    """Multiply-adds / 1e9 of `run(module, input)` counted on the meta device (FlopCounterMode counts 2 per MAC)."""
+    from accelerate import init_empty_weights
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with init_empty_weights(include_buffers=True):
+        module = build().eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        run(module, torch.empty(*shape, device="meta"))
+    return counter.get_total_flops() / 2e9
+
+
+def single_vit_branch(branch: dict, settings: BenchSettings):
+    """A perception ViT branch on its own, as the baseline of the perception suite."""
+    from .models.piip import PIIPPerceptionConfig
+    from .models.piip.modeling_piip_perception import PerceptionViTBranch
+
+    config = PIIPPerceptionConfig(branches=[branch, branch], resize_position_embeddings=True)
+    config._attn_implementation = settings.attention
+    return PerceptionViTBranch(config.branch_configs[0], config)
+
+
+def _run_perception_branch(branch, image: torch.Tensor):
+    return branch.run_blocks(branch.embed(image, 1), 0, len(branch.layers) - 1)
+
+
+def perception_variant_results(variant: str, settings: BenchSettings) -> tuple[list[CaseResult], dict]:
+    """Time a perception backbone, its pyramid without merges, its bare branches, and the ViT-B baseline."""
+    from .flops import window_padding_macs
+    from .models.piip import PIIPBackbone
+
+    config = copy.deepcopy(load_vision_config(variant))
+    config._attn_implementation = settings.attention
+    cost = count_encoder_cost(config)
+    padding = window_padding_macs(config) or [0] * config.num_branches
+    outside = sum(component.gflops for component in cost.outside_total)
+    torch.manual_seed(0)
+    model = PIIPBackbone(config)
+    randomise_interactions(model.piip)
+    model = model.to(settings.torch_device, settings.torch_dtype).eval()
+    device, dtype = settings.torch_device, settings.torch_dtype
+    size = config.image_size
+    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    images = model.piip.resize_for_branches(pixel_values)
+    torch.manual_seed(0)
+    baseline = single_vit_branch(PERCEPTION_BASELINE, settings).to(device, dtype).eval()
+    baseline_size = PERCEPTION_BASELINE["image_size"]
+    baseline_image = torch.randn(1, 3, baseline_size, baseline_size, generator=torch.Generator().manual_seed(1))
+    baseline_image = baseline_image.to(device, dtype)
+    cases = {"PIIP backbone": lambda: model(pixel_values), "PIIP pyramid": lambda: model.piip(pixel_values)}
+    for index, (branch, image) in enumerate(zip(model.piip.branches, images)):
+        cases[f"bare branch {index + 1}"] = lambda branch=branch, image=image: _run_perception_branch(branch, image)
+    cases["baseline"] = lambda: _run_perception_branch(baseline, baseline_image)
+    timings = interleaved_timings(cases, settings)
+
+    resolutions = [str(branch.image_size) for branch in config.branch_configs]
+    joined = "/".join(resolutions)
+    baseline_gflops = _meta_gflops(
+        lambda: single_vit_branch(PERCEPTION_BASELINE, settings), _run_perception_branch, tuple(baseline_image.shape)
+    )
+    results = [
+        CaseResult(variant, "PIIP backbone (with merges and scales)", joined, cost.gflops + outside,
+                   timings["PIIP backbone"], peak_memory_mib(cases["PIIP backbone"], device), parameter_mib(model)),
+        CaseResult(variant, "PIIP pyramid (branches and interactions)", joined, cost.gflops + sum(padding) / 1e9,
+                   timings["PIIP pyramid"], peak_memory_mib(cases["PIIP pyramid"], device), parameter_mib(model.piip)),
+    ]  # fmt: skip
+    for index, branch in enumerate(model.piip.branches):
+        name = f"bare branch {index + 1}"
+        label = cost.components[index].name.split("(", 1)[-1].rstrip(")")
+        results.append(
+            CaseResult(variant, f"{name} ({label})", resolutions[index], cost.components[index].gflops + padding[index] / 1e9,
+                       timings[name], peak_memory_mib(cases[name], device), parameter_mib(branch))
+        )  # fmt: skip
+    results.append(
+        CaseResult(variant, PERCEPTION_BASELINE_NAME, str(baseline_size), baseline_gflops, timings["baseline"],
+                   peak_memory_mib(cases["baseline"], device), parameter_mib(baseline))
+    )  # fmt: skip
+    bare_names = [name for name in timings if name.startswith("bare branch")]
+    interaction_ratios = [
+        pyramid / sum(timings[name][round_index] for name in bare_names)
+        for round_index, pyramid in enumerate(timings["PIIP pyramid"])
+    ]
+    merge_ratios = [full / pyramid for full, pyramid in zip(timings["PIIP backbone"], timings["PIIP pyramid"])]
+    summary = {
+        "variant": variant,
+        "interaction_overhead": statistics.median(interaction_ratios) - 1.0,
+        "merge_overhead": statistics.median(merge_ratios) - 1.0,
+        "backbone_over_baseline": statistics.median(
+            [full / base for full, base in zip(timings["PIIP backbone"], timings["baseline"])]
+        ),
+        "interaction_share_in_forward": measure_interaction_share(model.piip, pixel_values, settings),
+        "interaction_flops_share": next(c.gflops for c in cost.components if c.name == "interactions") / (cost.gflops + outside),
+        "merge_flops_share": cost.outside_total[0].gflops / (cost.gflops + outside),
+    }
+    return results, summary
+
+
+def run_perception_suite(variants: list[str], settings: BenchSettings, matmul: dict | None = None) -> dict:
+    matmul = matmul or measure_matmul_peak(settings)
+    cases, overheads = [], []
+    for variant in variants:
+        variant_cases, summary = perception_variant_results(variant, settings)
+        cases.extend(variant_cases)
+        overheads.append(summary)
+    return {"matmul_peak": matmul, "cases": [case.to_dict() for case in cases], "overheads": overheads}
+
+
 # ----- generation suite -------------------------------------------------------------------------
 GENERATION_TEXT_CONFIG = {
     "model_type": "llama",
@@ -580,6 +702,9 @@ def format_report(report: dict) -> str:
                 f"| {100 * overhead['interaction_flops_share']:.1f}% |"
             )
         lines.append("")
+    perception = report.get("perception")
+    if perception:
+        lines += _format_perception(perception)
     generate = report.get("generate")
     if generate:
         lines += [
@@ -602,6 +727,40 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_perception(perception: dict) -> list[str]:
+    peak = perception["matmul_peak"]["gflop_per_s"]
+    lines = [
+        "Perception backbones (batch 1, square input at the last branch's size), bare branches and the ViT-B baseline:",
+        "",
+        "| variant | case | resolution | GFLOPs | median ms | best ms | GFLOP/s (median) | % of mm peak | peak mem MiB "
+        + "| weights MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in perception["cases"]:
+        lines.append(
+            f"| {case['variant']} | {case['case']} | {case['resolution']} | {case['gflops']:.1f} | {case['median_ms']:.0f} "
+            f"| {case['min_ms']:.0f} | {case['achieved_gflop_per_s']:.0f} | {100 * case['achieved_gflop_per_s'] / peak:.0f}% "
+            f"| {_format_memory(case['peak_memory_mib'])} | {case['weights_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        "Interaction overhead = pyramid time / sum of its bare branches' times - 1; merge overhead = backbone time / "
+        + "pyramid time - 1 (per-round medians); backbone / baseline = backbone time over the ViT-B @ 1024 time:",
+        "",
+        "| variant | interaction overhead | interactions' share of pyramid time | interactions' share of FLOPs "
+        + "| merge overhead | merges' share of FLOPs | backbone / ViT-B baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for overhead in perception["overheads"]:
+        lines.append(
+            f"| {overhead['variant']} | {100 * overhead['interaction_overhead']:+.1f}% "
+            f"| {100 * overhead['interaction_share_in_forward']:.1f}% | {100 * overhead['interaction_flops_share']:.1f}% "
+            f"| {100 * overhead['merge_overhead']:+.1f}% | {100 * overhead['merge_flops_share']:.1f}% "
+            f"| {overhead['backbone_over_baseline']:.2f}x |"
+        )
+    return lines + [""]
+
+
 def write_report(report: dict, output_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """Write `<name>.md` and `<name>.json` under `output_dir`; returns both paths."""
     output_dir = Path(output_dir)
@@ -612,13 +771,22 @@ def write_report(report: dict, output_dir: str | os.PathLike, name: str) -> tupl
     return markdown_path, json_path
 
 
-def run_benchmarks(suites: list[str], settings: BenchSettings, variants: list[str], decode_tokens: int = 32) -> dict:
-    """Run the requested suites ('matmul', 'encoder', 'generate') and gather one report."""
+def run_benchmarks(
+    suites: list[str],
+    settings: BenchSettings,
+    variants: list[str],
+    decode_tokens: int = 32,
+    perception_variants: list[str] | None = None,
+) -> dict:
+    """Run the requested suites ('matmul', 'encoder', 'perception', 'generate') and gather one report."""
     report = {"machine": machine_description(settings), "settings": asdict(settings)}
-    if "matmul" in suites or "encoder" in suites:
+    if "matmul" in suites or "encoder" in suites or "perception" in suites:
         report["matmul_peak"] = measure_matmul_peak(settings)
     if "encoder" in suites:
         report["encoder"] = run_encoder_suite(variants, settings, report["matmul_peak"])
+    if "perception" in suites:
+        report["perception"] = run_perception_suite(perception_variants or list(DEFAULT_PERCEPTION_VARIANTS), settings,
+                                                    report["matmul_peak"])
     if "generate" in suites:
         report["generate"] = run_generate_suite(settings, decode_tokens=decode_tokens)
     if hasattr(os, "getloadavg"):
@@ -627,6 +795,7 @@ def run_benchmarks(suites: list[str], settings: BenchSettings, variants: list[st
 
 
 __all__ = [
+    "DEFAULT_PERCEPTION_VARIANTS",
     "DEFAULT_VARIANTS",
     "PUBLISHED_VARIANTS",
     "BenchSettings",

@@ -28,7 +28,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers.utils import logging
 
-from .models.piip import PIIPVisionConfig, PIIPVisionModel
+from .models.piip import (
+    PIIPBackbone,
+    PIIPForImageClassification,
+    PIIPPerceptionConfig,
+    PIIPVisionConfig,
+    PIIPVisionModel,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -37,6 +43,8 @@ logger = logging.get_logger(__name__)
 BUNDLED_CONFIG_DIRS = (
     Path(__file__).resolve().parent / "configs",
     Path(__file__).resolve().parent.parent / "configs",
+    Path(__file__).resolve().parent / "configs" / "perception",
+    Path(__file__).resolve().parent.parent / "configs" / "perception",
 )
 
 
@@ -60,6 +68,8 @@ class EncoderCost:
 
     image_size: int
     components: list[ComponentCost] = field(default_factory=list)
+    # Parts that run but that the published tables leave out of the total (listed after it).
+    outside_total: list[ComponentCost] = field(default_factory=list)
 
     @property
     def parameters(self) -> int:
@@ -78,6 +88,7 @@ class EncoderCost:
             "image_size": self.image_size,
             "components": [dict(asdict(component), gflops=component.gflops) for component in self.components],
             "total": {"parameters": self.parameters, "macs": self.macs, "gflops": self.gflops},
+            "outside_total": [dict(asdict(component), gflops=component.gflops) for component in self.outside_total],
         }
 
 
@@ -109,8 +120,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     )
 
 
-def load_vision_config(name_or_path: str | Path) -> PIIPVisionConfig:
-    """A `PIIPVisionConfig` from a JSON file, a model folder, or a bundled config name.
+def load_vision_config(name_or_path: str | Path) -> PIIPVisionConfig | PIIPPerceptionConfig:
+    """A `PIIPVisionConfig` (or a perception model's `PIIPPerceptionConfig`) from a JSON file, a model
+    folder, or a bundled config name.
 
     A full PIIP-LLaVA config (which nests the encoder under `vision_config`) is accepted too, so
     the command works on a saved model folder.
@@ -120,6 +132,8 @@ def load_vision_config(name_or_path: str | Path) -> PIIPVisionConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if data.get("model_type") == PIIPPerceptionConfig.model_type:
+        return PIIPPerceptionConfig.from_dict(data)
     if data.get("model_type") != PIIPVisionConfig.model_type and isinstance(data.get("vision_config"), dict):
         data = data["vision_config"]
     if "branches" not in data:
@@ -198,8 +212,10 @@ def branch_label(config: PIIPVisionConfig, branch_index: int) -> str:
     return f"branch {branch_index + 1} ({branch.backbone_type} @ {branch.image_size})"
 
 
-def count_encoder_cost(config: PIIPVisionConfig) -> EncoderCost:
+def count_encoder_cost(config: PIIPVisionConfig | PIIPPerceptionConfig) -> EncoderCost:
     """Parameters and multiply-adds of each branch, of the interactions, and of anything else that computes."""
+    if isinstance(config, PIIPPerceptionConfig):
+        return count_perception_cost(config)
     model = build_empty_model(config)
     by_module = _flops_by_module(model, config.image_size)
     cost = EncoderCost(image_size=config.image_size)
@@ -215,10 +231,78 @@ def count_encoder_cost(config: PIIPVisionConfig) -> EncoderCost:
     return cost
 
 
+def perception_model_class(config: PIIPPerceptionConfig) -> type:
+    """What a perception config describes: a classifier (its `architectures` says so) or a backbone."""
+    if config.architectures and "PIIPForImageClassification" in config.architectures:
+        return PIIPForImageClassification
+    return PIIPBackbone
+
+
+def count_perception_cost(config: PIIPPerceptionConfig) -> EncoderCost:
+    """Parameters and multiply-adds of a perception model for one square image at its input size.
+
+    The total is what the official tables report: for a classifier, the whole model (branches,
+    interactions, heads); for a detection / segmentation backbone, the branches and interactions.
+    A backbone's merges and output scales are listed after the total: the tables leave them out
+    (their figures match the branches and interactions to 1-4%, and exceed them by far less
+    than the merges' ~25M parameters and ~250 GFLOPs for PIIP-TSB 1568/1120/672).
+    """
+    from accelerate import init_empty_weights
+
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"
+    with init_empty_weights(include_buffers=True):
+        model = perception_model_class(config)(config).eval()
+    by_module = _flops_by_module(model, config.image_size)
+    cost = EncoderCost(image_size=config.image_size)
+    for index, (branch, branch_config) in enumerate(zip(model.piip.branches, config.branch_configs)):
+        flops = _outermost_total(by_module, f"piip.branches.{index}")
+        name = f"branch {index + 1} ({branch_config.branch_type}-{branch_config.hidden_size} @ {branch_config.image_size})"
+        cost.components.append(ComponentCost(name, _parameter_count(branch), flops // 2))
+    interaction_flops = _outermost_total(by_module, "piip.interactions")
+    cost.components.append(ComponentCost("interactions", _parameter_count(model.piip.interactions), interaction_flops // 2))
+    head_parameters = _parameter_count(model) - sum(component.parameters for component in cost.components)
+    head_flops = by_module["<total>"] - sum(2 * component.macs for component in cost.components)
+    if isinstance(model, PIIPForImageClassification):
+        cost.components.append(ComponentCost("classification heads", head_parameters, head_flops // 2))
+    else:
+        cost.outside_total.append(ComponentCost("merges and output scales", head_parameters, head_flops // 2))
+    padding_macs = window_padding_macs(config)
+    if padding_macs:
+        # Counted above inside the branches; the official tables count windows on the unpadded grid.
+        for index, macs in enumerate(padding_macs):
+            cost.components[index].macs -= macs
+        cost.outside_total.append(ComponentCost("padded window tokens", 0, sum(padding_macs)))
+    return cost
+
+
+def window_padding_macs(config: PIIPPerceptionConfig) -> list[int]:
+    """Per branch, the multiply-adds spent on the zero tokens that pad grids to whole windows.
+
+    Each windowed layer computes its attention products over whole windows (2 * padded tokens *
+    window^2 * C instead of 2 * tokens * window^2 * C) and its output projection (and, when the
+    tokens are padded before it, its q/k/v projection) on the padded tokens too.
+    """
+    per_branch = []
+    for branch in config.branch_configs:
+        grid = branch.image_size // branch.patch_size  # at the configured input size
+        width = branch.hidden_size
+        total = 0
+        for window in branch.window_sizes:
+            if window is None:
+                continue
+            padded = -(-grid // window) * window
+            extra = padded * padded - grid * grid
+            projections = 4 if branch.window_padding == "tokens" or branch.branch_type == "internvit" else 1
+            total += extra * (2 * window * window * width + projections * width * width)
+        per_branch.append(total)
+    return per_branch if any(per_branch) else []
+
+
 # ----- reporting -------------------------------------------------------------------------------
 def format_cost_table(cost: EncoderCost, title: str | None = None) -> str:
     """A plain-text table: one row per component and a total row."""
-    name_width = max(len("total"), *(len(component.name) for component in cost.components))
+    name_width = max(len("total"), *(len(component.name) for component in cost.components + cost.outside_total))
     header = f"{'component':<{name_width}}  {'params (M)':>11}  {'GFLOPs':>9}"
     rule = "-" * len(header)
     lines = [title] if title else []
@@ -227,6 +311,10 @@ def format_cost_table(cost: EncoderCost, title: str | None = None) -> str:
         lines.append(f"{component.name:<{name_width}}  {component.parameters / 1e6:>11.2f}  {component.gflops:>9.2f}")
     lines.append(rule)
     lines.append(f"{'total':<{name_width}}  {cost.parameters / 1e6:>11.2f}  {cost.gflops:>9.2f}")
+    if cost.outside_total:
+        lines.append("not in the total (as in the official tables):")
+        for component in cost.outside_total:
+            lines.append(f"{component.name:<{name_width}}  {component.parameters / 1e6:>11.2f}  {component.gflops:>9.2f}")
     return "\n".join(lines)
 
 
@@ -235,6 +323,7 @@ __all__ = [
     "EncoderCost",
     "bundled_config_names",
     "count_encoder_cost",
+    "count_perception_cost",
     "format_cost_table",
     "load_vision_config",
     "resolve_config_path",

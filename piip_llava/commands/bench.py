@@ -1,4 +1,4 @@
-"""`piip-llava bench encoder|generate|matmul|all`: speed and memory of the encoder and of generation.
+"""`piip-llava bench encoder|perception|generate|matmul|all`: speed and memory of the encoder and of generation.
 
 See `piip_llava/benchmarking.py` for what is measured and how; `docs/performance.md` for results.
 """
@@ -8,7 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-SUITES = {"matmul": ["matmul"], "encoder": ["encoder"], "generate": ["generate"], "all": ["encoder", "generate"]}
+SUITES = {
+    "matmul": ["matmul"],
+    "encoder": ["encoder"],
+    "perception": ["perception"],
+    "generate": ["generate"],
+    "all": ["encoder", "generate"],
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="VARIANT",
         help="encoder variants by config name without the 'piip_vision_' prefix (e.g. clip-bl_512-256), or 'published' "
         "for all published LLaVA encoders; default: clip-bl_512-256, which takes a few minutes on 2 CPU cores",
+    )
+    parser.add_argument(
+        "--perception-variants",
+        nargs="+",
+        default=None,
+        metavar="CONFIG",
+        help="perception suite: configs/perception names or JSON paths (default: "
+        "mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16; about 10 minutes on 2 CPU cores)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 3); the median is reported")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds before timing (default 1)")
@@ -70,7 +84,10 @@ def run_bench(args) -> int:
         device=args.device, dtype=args.dtype, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
         attention=args.attention, compile=args.compile or None,
     )
-    report = run_benchmarks(SUITES[args.suite], settings, variants, decode_tokens=args.decode_tokens)
+    report = run_benchmarks(
+        SUITES[args.suite], settings, variants, decode_tokens=args.decode_tokens,
+        perception_variants=args.perception_variants,
+    )  # fmt: skip
     name = args.name or f"bench_{args.suite}_{settings.torch_device.type}"
     markdown_path, json_path = write_report(report, args.output_dir, name)
     print(format_report(report))

@@ -1,9 +1,10 @@
-"""`piip-llava convert`: a released PIIP-LLaVA checkpoint directory -> our transformers directory."""
+"""`piip-llava convert`: a released PIIP-LLaVA or PIIP perception checkpoint directory -> our transformers directory."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -25,12 +26,14 @@ def parse_branch_override(text: str) -> tuple[int, str, object]:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="Convert a released PIIP-LLaVA checkpoint into a directory transformers loads.",
+        help="Convert a released PIIP-LLaVA or PIIP perception checkpoint into a directory transformers loads.",
         description=(
             "Convert a released PIIP-LLaVA checkpoint (LLaVA-style config.json, the Python vision config it names, "
             "pytorch_model*.bin or model*.safetensors weights, tokenizer.model) into a directory that "
-            "PIIPLlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained load. Nothing from "
-            "the checkpoint is executed. A conversion_report.json lists every dropped or filled tensor."
+            "PIIPLlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained load; or an official "
+            "PIIP perception model (config.py with model = dict(backbone=...), and model.safetensors or the official "
+            ".pth) into a directory that AutoModelForImageClassification or PIIPBackbone loads. Nothing from the "
+            "checkpoint is executed. A conversion_report.json lists every dropped or filled tensor."
         ),
     )
     parser.add_argument("--src", required=True, help="the released checkpoint directory")
@@ -65,10 +68,39 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="centre-crop images instead of padding them to a square (the released models were evaluated padded)",
     )
+    parser.add_argument(
+        "--codebase",
+        choices=["classification", "mmdet", "mmseg"],
+        help="perception models: which official code base the config.py belongs to (default: from the config; "
+        "a backbone without a decode_head is taken as mmdet)",
+    )
     parser.set_defaults(handler=run)
 
 
+def is_perception_checkpoint(src: str) -> bool:
+    """An official perception directory has the Python config itself and no LLaVA config.json."""
+    return os.path.isfile(os.path.join(src, "config.py")) and not os.path.isfile(os.path.join(src, "config.json"))
+
+
+def run_perception(args: argparse.Namespace) -> int:
+    from piip_llava.conversion.perception import convert_perception_checkpoint
+
+    try:
+        report = convert_perception_checkpoint(args.src, args.dst, codebase=args.codebase, overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"piip-llava convert: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"Converted {args.src} -> {args.dst}: {report.architecture} ({report.codebase}), {report.renamed} tensors "
+        f"renamed, {len(report.filled_with_ones)} layer scales filled with ones, {len(report.dropped)} dropped. "
+        f"Details: {args.dst}/conversion_report.json"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if is_perception_checkpoint(args.src):
+        return run_perception(args)
     from piip_llava.conversion import ConversionError, convert_released_checkpoint
 
     overrides: dict[int, dict] = {}

@@ -180,14 +180,21 @@ class DropPath(nn.Module):
         return hidden * mask / keep_prob
 
 
+def interaction_norm(config, dim: int) -> nn.Module:
+    """The injectors' LayerNorm, or the identity for configs with `interaction_norm` false (the
+    official perception configs' `norm_layer='none'`)."""
+    if getattr(config, "interaction_norm", True):
+        return nn.LayerNorm(dim, eps=config.interaction_norm_eps)
+    return nn.Identity()
+
+
 class Injector(nn.Module):
     """Updates one branch's tokens with what it reads from another branch, through zero-initialised gates."""
 
     def __init__(self, config: PIIPVisionConfig, query_dim: int, feat_dim: int, drop_path: float):
         super().__init__()
-        eps = config.interaction_norm_eps
-        self.query_norm = nn.LayerNorm(query_dim, eps=eps)
-        self.feat_norm = nn.LayerNorm(feat_dim, eps=eps)
+        self.query_norm = interaction_norm(config, query_dim)
+        self.feat_norm = interaction_norm(config, feat_dim)
         if config.interaction_attention == "deform":
             self.attn = DeformableCrossAttention(config, query_dim, feat_dim)
         else:
@@ -195,7 +202,7 @@ class Injector(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(query_dim))
         self.with_cffn = config.with_cffn
         if self.with_cffn:
-            self.ffn_norm = nn.LayerNorm(query_dim, eps=eps)
+            self.ffn_norm = interaction_norm(config, query_dim)
             self.ffn = ConvFFN(config, query_dim)
             self.ffn_gate = nn.Parameter(torch.zeros(query_dim))
             self.drop_path = DropPath(drop_path)

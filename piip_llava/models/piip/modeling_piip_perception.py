@@ -1,0 +1,490 @@
+"""PIIP for visual perception: the N-branch ViT pyramid, its classification heads and its dense backbone.
+
+The branches are plain ViTs whose layers are transformers' own: DeiT / DeiT III blocks are
+`Dinov2Layer` (LayerNorm, attention, layer scale, exact-GELU MLP) and AugReg / DINOv2 / MAE /
+InternViT blocks are `InternVLVisionLayer` (LayerNorm or RMSNorm, qk-norm across all heads, layer
+scale, exact or tanh GELU). What is PIIP's own lives here: the branch embedding (a patch
+convolution and a position table added as stored or resized per forward), windowed attention
+with the official padding semantics, the interactions (shared with the LLaVA encoder), the
+classification heads and the merged multi-scale outputs. See `PIIP_PERCEPTION_SPEC.md`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Dinov2Config, InternVLVisionConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+from transformers.models.internvl.modeling_internvl import InternVLVisionLayer, InternVLVisionRMSNorm
+
+from .branches import BranchState, interpolate_position_grid, linear_rates
+from .configuration_piip_perception import PerceptionBranchConfig, PIIPPerceptionConfig
+from .interactions import BidirectionalInteractionUnit, DeformableCrossAttention, Injector
+from .modeling_piip import PIIPVisionModelOutput, init_deformable_attention
+
+Grid = tuple[int, int]
+NORM_EPS = 1e-6  # every norm inside the official ViT branches and heads
+GROUP_NORM_GROUPS = 32
+
+
+def branch_norm(branch: PerceptionBranchConfig, width: int | None = None) -> nn.Module:
+    width = width or branch.hidden_size
+    if branch.norm_type == "rms_norm":
+        return InternVLVisionRMSNorm(width, eps=NORM_EPS)
+    return nn.LayerNorm(width, eps=NORM_EPS)
+
+
+def layer_configs(branch: PerceptionBranchConfig, attn_implementation: str | None) -> list:
+    """One transformers config per layer (each layer has its own stochastic-depth rate)."""
+    if branch.branch_type == "deit":
+        base = Dinov2Config(
+            hidden_size=branch.hidden_size,
+            num_hidden_layers=branch.num_hidden_layers,
+            num_attention_heads=branch.num_attention_heads,
+            mlp_ratio=int(branch.mlp_ratio),  # Dinov2Config takes an int; validated integral
+            qkv_bias=branch.qkv_bias,
+            layer_norm_eps=NORM_EPS,
+            layerscale_value=branch.layer_scale_init,
+            hidden_act=branch.hidden_act,
+        )
+    else:
+        base = InternVLVisionConfig(
+            hidden_size=branch.hidden_size,
+            num_hidden_layers=branch.num_hidden_layers,
+            num_attention_heads=branch.num_attention_heads,
+            intermediate_size=branch.intermediate_size,
+            attention_bias=branch.qkv_bias,
+            use_qk_norm=branch.qk_norm,
+            norm_type=branch.norm_type,
+            layer_norm_eps=NORM_EPS,
+            layer_scale_init_value=branch.layer_scale_init,
+            hidden_act=branch.hidden_act,
+        )
+    base._attn_implementation = attn_implementation or "sdpa"
+    configs = []
+    for rate in linear_rates(branch.drop_path_rate, branch.num_hidden_layers):
+        config = copy.copy(base)
+        config.drop_path_rate = rate
+        configs.append(config)
+    return configs
+
+
+# ----- windowed attention ------------------------------------------------------------------------
+def window_partition(feature_map: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) with H, W multiples of `window` -> (B * windows, window * window, C), row-major windows."""
+    batch, height, width, channels = feature_map.shape
+    windows = feature_map.view(batch, height // window, window, width // window, window, channels)
+    return windows.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, channels)
+
+
+def window_merge(windows: torch.Tensor, window: int, batch: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of `window_partition`: (B * windows, window * window, C) -> (B, H, W, C)."""
+    channels = windows.shape[-1]
+    feature_map = windows.view(batch, height // window, width // window, window, window, channels)
+    return feature_map.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, channels)
+
+
+def pad_to_windows(feature_map: torch.Tensor, window: int) -> torch.Tensor:
+    """Zero-pad a (B, H, W, C) map at the bottom and right to multiples of `window`."""
+    height, width = feature_map.shape[1:3]
+    pad_h = math.ceil(height / window) * window - height
+    pad_w = math.ceil(width / window) * window - width
+    return F.pad(feature_map, (0, 0, 0, pad_w, 0, pad_h))
+
+
+def windowed_attention(
+    attention: nn.Module, normed: torch.Tensor, grid: Grid, window: int, padding: str
+) -> torch.Tensor:
+    """Self-attention inside non-overlapping `window` x `window` windows of the token grid.
+
+    `padding="tokens"` zero-pads the normed tokens before the q/k/v projections, so padded keys and
+    values equal the projection biases and take part in the softmax (official flash path and
+    InternViT); `"qkv"` zero-pads q, k and v after them (official DeiT non-flash path). The output
+    projection acts per token, so it runs on the padded windows and the padding is cropped after.
+    """
+    batch, _, channels = normed.shape
+    height, width = grid
+    if padding == "tokens":
+        padded = pad_to_windows(normed.view(batch, height, width, channels), window)
+        padded_height, padded_width = padded.shape[1:3]
+        attended, _ = attention(window_partition(padded, window))  # (B * windows, window^2, C)
+    else:
+        attended = _attention_on_padded_qkv(attention, normed, grid, window)
+        padded_height, padded_width = attended.shape[1:3]
+        attended = window_partition(attended, window)
+    merged = window_merge(attended, window, batch, padded_height, padded_width)
+    return merged[:, :height, :width].reshape(batch, height * width, -1)
+
+
+def _attention_on_padded_qkv(attention: nn.Module, normed: torch.Tensor, grid: Grid, window: int) -> torch.Tensor:
+    """DeiT (`Dinov2Attention`) with zero-padded q/k/v; returns the projected (B, H', W', C) map."""
+    batch, _, channels = normed.shape
+    heads, head_dim = attention.num_attention_heads, attention.head_dim
+
+    def windows_of(projection: nn.Linear) -> torch.Tensor:
+        projected = pad_to_windows(projection(normed).view(batch, *grid, channels), window)
+        # (B * windows, heads, window^2, head_dim)
+        return window_partition(projected, window).unflatten(-1, (heads, head_dim)).transpose(1, 2)
+
+    query, key, value = windows_of(attention.q_proj), windows_of(attention.k_proj), windows_of(attention.v_proj)
+    padded_height = math.ceil(grid[0] / window) * window
+    padded_width = math.ceil(grid[1] / window) * window
+    attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scaling)
+    attended = attended.transpose(1, 2).flatten(2)  # (B * windows, window^2, C)
+    return attention.o_proj(window_merge(attended, window, batch, padded_height, padded_width))
+
+
+# ----- branches ------------------------------------------------------------------------------------
+class PerceptionViTBranch(nn.Module):
+    """A ViT branch: patch convolution, position table, optional class token, transformers layers."""
+
+    def __init__(self, branch: PerceptionBranchConfig, config: PIIPPerceptionConfig):
+        super().__init__()
+        self.branch = branch
+        self.resize_positions = config.resize_position_embeddings
+        self.window_padding = "tokens" if branch.branch_type == "internvit" else branch.window_padding
+        width = branch.hidden_size
+        self.patch_embedding = nn.Conv2d(3, width, kernel_size=branch.patch_size, stride=branch.patch_size)
+        slots = branch.position_grid**2 + (1 if branch.position_class_slot else 0)
+        self.position_embedding = nn.Parameter(torch.zeros(1, slots, width))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if branch.use_cls_token else None
+        layer_class = Dinov2Layer if branch.branch_type == "deit" else InternVLVisionLayer
+        self.layers = nn.ModuleList(
+            [layer_class(layer_config) for layer_config in layer_configs(branch, config._attn_implementation)]
+        )
+
+    def position_embeddings(self, grid: Grid, index: int) -> torch.Tensor:
+        """(H*W, C) positions for the token grid: the stored table, resized if the model resizes."""
+        table = self.position_embedding[0, 1:] if self.branch.position_class_slot else self.position_embedding[0]
+        stored = (self.branch.position_grid, self.branch.position_grid)
+        if self.resize_positions:
+            return interpolate_position_grid(table, grid)
+        if tuple(grid) != stored:
+            raise ValueError(
+                f"Branch {index} gets a {grid[0]}x{grid[1]} token grid but adds its {stored[0]}x{stored[1]} position "
+                f"table without resizing (as the official model does): give it a "
+                f"{stored[0] * self.branch.patch_size}x{stored[1] * self.branch.patch_size} image."
+            )
+        return table
+
+    def embed(self, image: torch.Tensor, index: int) -> BranchState:
+        if min(image.shape[-2:]) < self.branch.patch_size:
+            raise ValueError(
+                f"Branch {index} gets a {image.shape[-2]}x{image.shape[-1]} image (resized from the input), smaller than "
+                f"one {self.branch.patch_size}-pixel patch; use a larger image."
+            )
+        patches = self.patch_embedding(image.to(self.patch_embedding.weight.dtype))  # (batch, C, H, W)
+        grid = tuple(patches.shape[-2:])
+        tokens = patches.flatten(2).transpose(1, 2) + self.position_embeddings(grid, index).to(patches.dtype)
+        class_token = None if self.cls_token is None else self.cls_token.expand(tokens.shape[0], -1, -1)
+        return BranchState(tokens=tokens, grid=grid, class_token=class_token)
+
+    def run_blocks(self, state: BranchState, first: int, last: int) -> BranchState:
+        has_class = state.class_token is not None
+        hidden = torch.cat([state.class_token, state.tokens], dim=1) if has_class else state.tokens
+        for index in range(first, last + 1):
+            window = self.branch.window_sizes[index]
+            if window is None:
+                hidden = self.layers[index](hidden)
+            else:
+                hidden = self._windowed_layer(self.layers[index], hidden, state.grid, window)
+        if has_class:
+            return BranchState(tokens=hidden[:, 1:], grid=state.grid, class_token=hidden[:, :1])
+        return BranchState(tokens=hidden, grid=state.grid)
+
+    def _windowed_layer(self, layer: nn.Module, hidden: torch.Tensor, grid: Grid, window: int) -> torch.Tensor:
+        """The layer's own computation with its attention restricted to windows (no class token)."""
+        if isinstance(layer, Dinov2Layer):
+            attended = windowed_attention(layer.attention, layer.norm1(hidden), grid, window, self.window_padding)
+            hidden = hidden + layer.drop_path(layer.layer_scale1(attended))
+            return hidden + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden))))
+        attended = windowed_attention(layer.attention, layer.layernorm_before(hidden), grid, window, "tokens")
+        hidden = hidden + layer.lambda_1 * attended
+        return hidden + layer.lambda_2 * layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
+
+
+class PerceptionInteraction(nn.Module):
+    """The bidirectional units after one group of layers, one per adjacent branch pair."""
+
+    def __init__(self, config: PIIPPerceptionConfig, drop_path: float):
+        super().__init__()
+        widths = [branch.hidden_size for branch in config.branch_configs]
+        self.units = nn.ModuleList(
+            [BidirectionalInteractionUnit(config, widths[pair], widths[pair + 1], drop_path) for pair in range(len(widths) - 1)]
+        )
+
+    def forward(self, states: list[BranchState]) -> list[BranchState]:
+        states = list(states)
+        # Highest-resolution pair first, as the official code does: (N-1, N), ..., (1, 2).
+        for pair in reversed(range(len(self.units))):
+            state_a, state_b = states[pair], states[pair + 1]
+            tokens_a, tokens_b = self.units[pair](state_a.tokens, state_a.grid, state_b.tokens, state_b.grid)
+            states[pair] = BranchState(tokens_a, state_a.grid, state_a.class_token)
+            states[pair + 1] = BranchState(tokens_b, state_b.grid, state_b.class_token)
+        return states
+
+
+# ----- models ----------------------------------------------------------------------------------------
+class PIIPPerceptionPreTrainedModel(PreTrainedModel):
+    config: PIIPPerceptionConfig
+    config_class = PIIPPerceptionConfig
+    base_model_prefix = "piip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Dinov2Layer", "InternVLVisionLayer", "BidirectionalInteractionUnit"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """As the official code: trunc-normal Linears, unit norms, He-normal convolutions, zero gates,
+        reset deformable attention, merge weights 1; position tables trunc-normal, class tokens zero."""
+        std = self.config.initializer_range
+        if isinstance(module, Injector):
+            init.zeros_(module.attn_gate)
+            if module.with_cffn:
+                init.zeros_(module.ffn_gate)
+            if isinstance(module.attn, DeformableCrossAttention):
+                init_deformable_attention(module.attn)
+        elif isinstance(module, PerceptionViTBranch):
+            init.trunc_normal_(module.position_embedding, std=std)
+            if module.cls_token is not None:
+                init.zeros_(module.cls_token)
+        elif isinstance(module, Dinov2Layer):
+            init.constant_(module.layer_scale1.lambda1, module.attention.config.layerscale_value)
+            init.constant_(module.layer_scale2.lambda1, module.attention.config.layerscale_value)
+        elif isinstance(module, InternVLVisionLayer):
+            init.constant_(module.lambda_1, module.attention.config.layer_scale_init_value)
+            init.constant_(module.lambda_2, module.attention.config.layer_scale_init_value)
+        elif isinstance(module, BranchMergeWeights):
+            init.ones_(module.weights)
+        elif isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+            init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, InternVLVisionRMSNorm):
+            init.ones_(module.weight)
+
+
+class PIIPPerceptionModel(PIIPPerceptionPreTrainedModel):
+    """The pyramid: every branch's final tokens as a map (and class token), after the last interaction."""
+
+    def __init__(self, config: PIIPPerceptionConfig):
+        super().__init__(config)
+        self.branches = nn.ModuleList([PerceptionViTBranch(branch, config) for branch in config.branch_configs])
+        rates = linear_rates(config.interaction_drop_path_rate, config.num_interactions)
+        self.interactions = nn.ModuleList([PerceptionInteraction(config, rate) for rate in rates])
+        self.post_init()
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must be a (batch, 3, height, width) tensor, got shape {tuple(pixel_values.shape)}."
+            )
+        if not self.config.resize_position_embeddings:
+            size = self.config.image_size
+            if tuple(pixel_values.shape[-2:]) != (size, size):
+                raise ValueError(
+                    f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} but this model takes {size}x{size} "
+                    f"images (its position tables are added without resizing); use its image processor."
+                )
+
+    def resize_for_branches(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Each branch's image, resized from the input with `scale_factor` as the official code does
+        (bilinear, align_corners=False, floor of the output size); the input branch's is the input."""
+        input_size = self.config.image_size
+        images = []
+        for branch in self.config.branch_configs:
+            ratio = branch.image_size / input_size
+            if ratio == 1:
+                images.append(pixel_values)
+            else:
+                images.append(F.interpolate(pixel_values, scale_factor=ratio, mode="bilinear", align_corners=False))
+        return images
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> PIIPVisionModelOutput:
+        self.check_pixel_values(pixel_values)
+        images = self.resize_for_branches(pixel_values)
+        states = [branch.embed(image, index) for index, (branch, image) in enumerate(zip(self.branches, images), 1)]
+        groups = [branch.interaction_groups for branch in self.config.branch_configs]
+        for interaction_index, interaction in enumerate(self.interactions):
+            states = [
+                branch.run_blocks(state, *branch_groups[interaction_index])
+                for branch, state, branch_groups in zip(self.branches, states, groups)
+            ]
+            states = interaction(states)
+        output = PIIPVisionModelOutput(
+            last_hidden_state=states[-1].tokens,  # (batch, H*W, C) of the last branch, as PIIPVisionModel
+            feature_maps=tuple(state.feature_map() for state in states),
+            class_tokens=tuple(None if state.class_token is None else state.class_token[:, 0] for state in states),
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class BranchMergeWeights(nn.Module):
+    """The scalar weight of each branch's map in the merged map (official `w1..wN`, initialised to 1)."""
+
+    def __init__(self, num_branches: int):
+        super().__init__()
+        self.weights = nn.Parameter(torch.ones(num_branches))
+
+    def forward(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """Resize every map but the last to the last one's grid (fp32, bilinear), then the weighted sum."""
+        target = feature_maps[-1].shape[-2:]
+        merged = feature_maps[-1] * self.weights[-1]
+        for weight, feature_map in zip(self.weights[:-1], feature_maps[:-1]):
+            resized = F.interpolate(feature_map.float(), size=target, mode="bilinear", align_corners=False)
+            merged = resized * weight + merged
+        return merged
+
+
+class ChannelLinearMerge(nn.Module):
+    """Shared classification head's merge of a narrower branch: GroupNorm, Linear over channels, GroupNorm."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm_in = nn.GroupNorm(GROUP_NORM_GROUPS, in_channels)
+        self.proj = nn.Linear(in_channels, out_channels)
+        self.norm_out = nn.GroupNorm(GROUP_NORM_GROUPS, out_channels)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        projected = self.proj(self.norm_in(feature_map).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.norm_out(projected)
+
+
+class PIIPForImageClassification(PIIPPerceptionPreTrainedModel):
+    """PIIP with the official classification heads (`config.classification_head`).
+
+    `"separate"`: each branch's final norm and head read its *top-left patch token* (the official
+    code splits the class token off before indexing `[:, 0]`), and the logits are averaged over
+    branches. `"shared"`: each branch map is merged to branch 1's width (GroupNorm only for branch 1),
+    resized to the last branch's grid, summed with weights, then LayerNorm per token, mean, head.
+    """
+
+    def __init__(self, config: PIIPPerceptionConfig):
+        super().__init__(config)
+        self.piip = PIIPPerceptionModel(config)
+        branches = config.branch_configs
+        widths = [branch.hidden_size for branch in branches]
+        if config.classification_head == "separate":
+            self.branch_norms = nn.ModuleList([branch_norm(branch) for branch in branches])
+            self.branch_classifiers = nn.ModuleList([nn.Linear(width, config.num_labels) for width in widths])
+        else:
+            self.branch_merges = nn.ModuleList(
+                [nn.GroupNorm(GROUP_NORM_GROUPS, widths[0])]
+                + [ChannelLinearMerge(width, widths[0]) for width in widths[1:]]
+            )
+            self.merge_weights = BranchMergeWeights(len(branches))
+            self.merged_norm = nn.LayerNorm(widths[0], eps=NORM_EPS)
+            self.classifier = nn.Linear(widths[0], config.num_labels)
+        self.post_init()
+
+    def compute_logits(self, feature_maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if self.config.classification_head == "separate":
+            logits = [
+                classifier(norm(feature_map.flatten(2).transpose(1, 2))[:, 0])
+                for feature_map, norm, classifier in zip(feature_maps, self.branch_norms, self.branch_classifiers)
+            ]
+            return torch.stack(logits).mean(dim=0)
+        merged = self.merge_weights([merge(feature_map) for merge, feature_map in zip(self.branch_merges, feature_maps)])
+        tokens = self.merged_norm(merged.flatten(2).transpose(1, 2))  # (batch, H_N * W_N, C_1)
+        return self.classifier(tokens.mean(dim=1))
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, return_dict: bool | None = None, **kwargs
+    ) -> ImageClassifierOutput:
+        outputs = self.piip(pixel_values)
+        logits = self.compute_logits(outputs.feature_maps)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        output = ImageClassifierOutput(loss=loss, logits=logits)
+        return output if return_dict is not False else output.to_tuple()
+
+
+class DenseBranchMerge(nn.Sequential):
+    """Two (3x3 conv without bias, GroupNorm(32), ReLU) taking a branch map to branch 1's width."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(GROUP_NORM_GROUPS, out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(GROUP_NORM_GROUPS, out_channels),
+            nn.ReLU(),
+        )
+
+
+class PIIPBackbone(BackboneMixin, PIIPPerceptionPreTrainedModel):
+    """The official dense-prediction backbone: merged map at the last branch's grid, then four scales.
+
+    Stages: `fpn1` (4x up: ConvTranspose, GroupNorm, GELU, ConvTranspose), `fpn2` (2x up), `fpn3`
+    (the merged map), `fpn4` (2x2 max pool, floor), all with branch 1's width; `out_features`
+    chooses which are returned (the DINO models take fpn2..fpn4).
+    """
+
+    has_attentions = False
+
+    def __init__(self, config: PIIPPerceptionConfig):
+        super().__init__(config)
+        self.piip = PIIPPerceptionModel(config)
+        widths = [branch.hidden_size for branch in config.branch_configs]
+        width = widths[0]
+        self.num_features = [width] * len(config.stage_names)
+        self.branch_merges = nn.ModuleList([DenseBranchMerge(branch_width, width) for branch_width in widths])
+        self.merge_weights = BranchMergeWeights(len(widths))
+        self.upsample_4x = (
+            nn.Sequential(
+                nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+                nn.GroupNorm(GROUP_NORM_GROUPS, width),
+                nn.GELU(),
+                nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+            )
+            if config.build_fpn1
+            else None
+        )
+        self.upsample_2x = nn.ConvTranspose2d(width, width, kernel_size=2, stride=2)
+        self.downsample_2x = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> BackboneOutput:
+        feature_maps = self.piip(pixel_values).feature_maps
+        merged = self.merge_weights([merge(feature_map) for merge, feature_map in zip(self.branch_merges, feature_maps)])
+        if min(merged.shape[-2:]) < 2:
+            raise ValueError(
+                f"A {pixel_values.shape[-2]}x{pixel_values.shape[-1]} image gives a {tuple(merged.shape[-2:])} merged map, "
+                "too small for the 1/2 output; use an image of at least two patches per side."
+            )
+        scales = {
+            "fpn1": (lambda: self.upsample_4x(merged)) if self.upsample_4x is not None else None,
+            "fpn2": lambda: self.upsample_2x(merged),
+            "fpn3": lambda: merged,
+            "fpn4": lambda: self.downsample_2x(merged),
+        }
+        outputs = tuple(scales[name]().contiguous().float() for name in self.out_features)
+        output = BackboneOutput(feature_maps=outputs)
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = [
+    "PIIPBackbone",
+    "PIIPForImageClassification",
+    "PIIPPerceptionModel",
+    "PIIPPerceptionPreTrainedModel",
+    "PerceptionViTBranch",
+]
