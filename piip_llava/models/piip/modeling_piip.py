@@ -58,19 +58,25 @@ class PIIPVisionModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+def interaction_widths(config: PIIPVisionConfig, interaction_index: int) -> list[int]:
+    """Each branch's token width after the last block of its `interaction_index`-th group."""
+    return [
+        branch.geometry_after_block(branch.interaction_groups[interaction_index][1])[0] for branch in config.branches
+    ]
+
+
 class PIIPInteraction(nn.Module):
     """The bidirectional units that run after one group of blocks, one per adjacent branch pair."""
 
-    def __init__(self, config: PIIPVisionConfig, interaction_index: int, drop_path: float):
+    def __init__(self, config: PIIPVisionConfig, branch_widths: list[int], drop_path: float):
+        """`branch_widths`: each branch's token width where this interaction runs, largest model first."""
         super().__init__()
-        branches = config.branches
-        units = []
-        for pair in range(len(branches) - 1):
-            branch_a, branch_b = branches[pair], branches[pair + 1]
-            dim_a = branch_a.geometry_after_block(branch_a.interaction_groups[interaction_index][1])[0]
-            dim_b = branch_b.geometry_after_block(branch_b.interaction_groups[interaction_index][1])[0]
-            units.append(BidirectionalInteractionUnit(config, dim_a, dim_b, drop_path))
-        self.units = nn.ModuleList(units)
+        self.units = nn.ModuleList(
+            [
+                BidirectionalInteractionUnit(config, branch_widths[pair], branch_widths[pair + 1], drop_path)
+                for pair in range(len(branch_widths) - 1)
+            ]
+        )
 
     def forward(self, states: list[BranchState]) -> list[BranchState]:
         states = list(states)
@@ -144,7 +150,10 @@ class PIIPVisionModel(PIIPPreTrainedModel):
         self.branches = nn.ModuleList([build_branch(branch_config) for branch_config in config.branches])
         drop_path_rates = linear_rates(config.interaction_drop_path_rate, config.num_interactions)
         self.interactions = nn.ModuleList(
-            [PIIPInteraction(config, index, drop_path_rates[index]) for index in range(config.num_interactions)]
+            [
+                PIIPInteraction(config, interaction_widths(config, index), drop_path_rates[index])
+                for index in range(config.num_interactions)
+            ]
         )
         # device_map must not split a branch's layers; post_init only gathers this from direct children.
         self._no_split_modules = sorted(

@@ -26,8 +26,8 @@ from transformers.models.internvl.modeling_internvl import InternVLVisionLayer, 
 
 from .branches import BranchState, interpolate_position_grid, linear_rates
 from .configuration_piip_perception import PerceptionBranchConfig, PIIPPerceptionConfig
-from .interactions import BidirectionalInteractionUnit, DeformableCrossAttention, Injector
-from .modeling_piip import PIIPVisionModelOutput, init_deformable_attention
+from .interactions import DeformableCrossAttention, Injector
+from .modeling_piip import PIIPInteraction, PIIPVisionModelOutput, init_deformable_attention
 
 Grid = tuple[int, int]
 NORM_EPS = 1e-6  # every norm inside the official ViT branches and heads
@@ -210,27 +210,6 @@ class PerceptionViTBranch(nn.Module):
         return hidden + layer.lambda_2 * layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
 
 
-class PerceptionInteraction(nn.Module):
-    """The bidirectional units after one group of layers, one per adjacent branch pair."""
-
-    def __init__(self, config: PIIPPerceptionConfig, drop_path: float):
-        super().__init__()
-        widths = [branch.hidden_size for branch in config.branch_configs]
-        self.units = nn.ModuleList(
-            [BidirectionalInteractionUnit(config, widths[pair], widths[pair + 1], drop_path) for pair in range(len(widths) - 1)]
-        )
-
-    def forward(self, states: list[BranchState]) -> list[BranchState]:
-        states = list(states)
-        # Highest-resolution pair first, as the official code does: (N-1, N), ..., (1, 2).
-        for pair in reversed(range(len(self.units))):
-            state_a, state_b = states[pair], states[pair + 1]
-            tokens_a, tokens_b = self.units[pair](state_a.tokens, state_a.grid, state_b.tokens, state_b.grid)
-            states[pair] = BranchState(tokens_a, state_a.grid, state_a.class_token)
-            states[pair + 1] = BranchState(tokens_b, state_b.grid, state_b.class_token)
-        return states
-
-
 # ----- models ----------------------------------------------------------------------------------------
 class PIIPPerceptionPreTrainedModel(PreTrainedModel):
     config: PIIPPerceptionConfig
@@ -287,7 +266,9 @@ class PIIPPerceptionModel(PIIPPerceptionPreTrainedModel):
         super().__init__(config)
         self.branches = nn.ModuleList([PerceptionViTBranch(branch, config) for branch in config.branch_configs])
         rates = linear_rates(config.interaction_drop_path_rate, config.num_interactions)
-        self.interactions = nn.ModuleList([PerceptionInteraction(config, rate) for rate in rates])
+        # Perception branches keep one width throughout.
+        widths = [branch.hidden_size for branch in config.branch_configs]
+        self.interactions = nn.ModuleList([PIIPInteraction(config, widths, rate) for rate in rates])
         self.post_init()
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
