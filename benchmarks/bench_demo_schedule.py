@@ -36,6 +36,9 @@ from pathlib import Path
 from piip_llava.file_writing import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
+# The recipe this measures lives beside its scripts, outside the installed package: `demo_recipe` is
+# scripts/demo_recipe, importable as it is from scripts/train_demo_model.py.
+sys.path.insert(0, str(REPO / "scripts"))
 DEMO_VISION_CONFIG = REPO / "configs" / "demo_piip_vision.json"
 WARMUP_STEPS = 2
 
@@ -71,9 +74,8 @@ def timed_steps(batches, step, seconds: float) -> dict:
 def run_role(args: argparse.Namespace) -> dict:
     """One stage-0 loop as the recipe runs it (its batches, model, loss and AdamW), timed."""
     import torch
-
-    from piip_llava.synthetic.pipeline import Recipe
-    from piip_llava.synthetic.pretraining import (
+    from demo_recipe.pipeline import Recipe
+    from demo_recipe.pretraining import (
         CellAttributeEmbedding,
         CellTokenConversations,
         EncoderBatches,
@@ -93,8 +95,7 @@ def run_role(args: argparse.Namespace) -> dict:
     recipe = Recipe()
     many_steps = 100_000
     if args.role == "encoder":
-        from piip_llava.models.piip import PIIPVisionConfig
-        from piip_llava.models.piip.image_processing_piip import PIIPImageProcessor
+        from piip_llava import PIIPImageProcessor, PIIPVisionConfig
 
         settings = EncoderPretraining(steps=many_steps, antialias=recipe.projector_antialias,
                                       corner_texts=recipe.encoder_corner_texts)
@@ -172,7 +173,7 @@ def measure_roles(commands: list[list[str]], threads: int) -> list[dict]:
 
 def measure_stage2(work_dir: Path, data_dir: Path, llm_dir: Path, steps: int, data_workers: int) -> float:
     """Seconds per stage-2 step of `piip-llava train --stage finetune` (the trainer's own train_runtime)."""
-    from piip_llava.synthetic.pipeline import Recipe, run_cli, stage2_records
+    from demo_recipe.pipeline import Recipe, run_cli, stage2_records
 
     recipe = Recipe()
     init_dir = work_dir / "init"
@@ -209,8 +210,7 @@ def machine_line(load_at_start: tuple[float, ...]) -> str:
     import platform
 
     import torch
-
-    from piip_llava.synthetic.pipeline import Recipe
+    from demo_recipe.pipeline import Recipe
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     if args.role:
         print(json.dumps(run_role(args)))
         return 0
-    from piip_llava.synthetic.pipeline import Recipe, build_llm, export_data
+    from demo_recipe.pipeline import Recipe, build_llm, export_data
 
     recipe = Recipe()
     load_at_start = os.getloadavg()

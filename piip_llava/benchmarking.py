@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .dtypes import torch_dtype
 from .flops import count_encoder_cost, load_vision_config
 from .models.piip import PIIPVisionConfig, PIIPVisionModel
 
@@ -89,7 +90,7 @@ class BenchSettings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        return torch_dtype(self.dtype)
 
 
 def machine_description(settings: BenchSettings) -> dict:

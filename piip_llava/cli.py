@@ -17,12 +17,12 @@ SUBCOMMAND_MODULES = [
     "piip_llava.commands.chat",
     "piip_llava.commands.serve",
     "piip_llava.commands.train",
-    "piip_llava.evaluation.commands",
-    "piip_llava.evaluation.lmms.commands",
+    "piip_llava.commands.evaluate",
+    "piip_llava.commands.lmms",
     "piip_llava.commands.convert",
     "piip_llava.commands.flops",
     "piip_llava.commands.bench",
-    "piip_llava.synthetic.commands",
+    "piip_llava.commands.synthetic",
 ]
 
 

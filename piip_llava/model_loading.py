@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from .dtypes import DTYPES, torch_dtype
+
 logger = logging.get_logger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHOWN_NAMES = 5
 
 
@@ -113,7 +114,7 @@ def load_model_and_processor(model_dir: str | os.PathLike, device: str | None = 
     processor.tokenizer.padding_side = "left"
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(
-            path, dtype="auto" if dtype == "auto" else DTYPES[dtype], output_loading_info=True
+            path, dtype="auto" if dtype == "auto" else torch_dtype(dtype), output_loading_info=True
         )
     except (SafetensorError, OSError) as error:
         raise ModelLoadingError(
@@ -132,4 +133,4 @@ def load_model_and_processor(model_dir: str | os.PathLike, device: str | None = 
     return model, processor
 
 
-__all__ = ["DTYPES", "ModelLoadingError", "check_device", "check_model_dir", "default_device", "load_model_and_processor"]
+__all__ = ["ModelLoadingError", "check_device", "check_model_dir", "default_device", "load_model_and_processor"]

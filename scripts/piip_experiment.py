@@ -2,7 +2,7 @@
 """The PIIP claim in miniature: a two-branch pyramid against single-branch baselines, trained the same way.
 
 Variants (all trained by the same recipe on the same synthetic data, LLM and tokenizer as the
-bundled demo model, see `piip_llava.synthetic.pipeline`):
+bundled demo model, see `demo_recipe.pipeline`):
 - `piip`: the demo encoder, a wide ResNet at 64 px + a narrow ResNet (half the width) at 256 px,
   with interactions;
 - `large_low`: the wide ResNet alone at 64 px (the pyramid's large branch alone);
@@ -33,9 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from piip_llava.file_writing import atomic_write_text
-from piip_llava.flops import count_encoder_cost, load_vision_config
-from piip_llava.synthetic.pipeline import (
+from demo_recipe.pipeline import (
     Recipe,
     configure_script_logging,
     evaluate,
@@ -45,6 +43,9 @@ from piip_llava.synthetic.pipeline import (
     pretrain_vision_encoder,
     train_two_stages,
 )
+
+from piip_llava.file_writing import atomic_write_text
+from piip_llava.flops import count_encoder_cost, load_vision_config
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"

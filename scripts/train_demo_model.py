@@ -1,21 +1,17 @@
 #!/usr/bin/env python
-"""Train the bundled demo PIIP-LLaVA from nothing, on the CPU, with the project's own pipeline.
+"""Train the bundled demo PIIP-LLaVA from nothing, on the CPU, with the recipe in scripts/demo_recipe.
 
 No pretrained weights can be downloaded here, so the default model of `piip-llava chat` is one we
 train ourselves on the synthetic shapes-and-text dataset (`piip_llava.synthetic`): a two-branch
 PIIP encoder (a wide ResNet at 64 px and a narrow one at 256 px, `configs/demo_piip_vision.json`),
 a small LLaMA-style LLM and a tokenizer trained on the dataset's texts. Stage 0 gives the encoder
-and the LLM the pretraining real backbones have (`piip_llava.synthetic.pretraining`); then
+and the LLM the pretraining real backbones have (`demo_recipe.pretraining`); then
 `piip-llava train` runs stage 1 (projector only, `plain` captions) and stage 2 (`vicuna_v1`
 conversations, backbones fixed), and `piip-llava eval` scores held-out TextVQA-format and
-MMBench-format splits. On 2 cores the recipe took 25.3 minutes for the shipped model on an AMD EPYC
-with AVX512_BF16 (stage 0 17.2: the encoder in float32 in a child process on one core beside the
-LLM in bf16 on the other, the LLM taking both once the encoder was done; stages 1 and 2 1.3 and 5.8
-in bf16; evaluation 0.8). With stage 0's halves one after the other (`--no-stage-zero-side-by-side`)
-it took 28.6-30.4 minutes there in three runs, and 66 in float32 on an AVX2-only CPU (stage-0 LLM
-34.7, stage-0 encoder 12.4, stage 1 3.0, stage 2 14.6, evaluation 1.3). bf16 is on where the CPU has
-it in hardware (`Recipe.bf16`); `--no-language-pretraining-bf16` keeps the stage-0 LLM in float32
-(docs/training.md). The log gives each step's time.
+MMBench-format splits. Stage 0's encoder trains in a child process beside the LLM unless
+`--no-stage-zero-side-by-side`; bf16 is on where the CPU has it in hardware (`Recipe.bf16`), and
+`--no-language-pretraining-bf16` keeps the stage-0 LLM in float32. How long each step takes on 2
+cores is in docs/training.md; the log gives each step's time.
 Every step resumes or is skipped when run again.
 
     python scripts/train_demo_model.py --work-dir outputs/demo --install --large-check 600
@@ -36,7 +32,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from piip_llava.synthetic.pipeline import (
+from demo_recipe.pipeline import (
     TEXT_KINDS,
     Recipe,
     configure_script_logging,
@@ -46,6 +42,7 @@ from piip_llava.synthetic.pipeline import (
     pretrain_stage_zero,
     train_two_stages,
 )
+
 from piip_llava.synthetic.questions import QUESTION_TYPES
 
 REPO = Path(__file__).resolve().parent.parent

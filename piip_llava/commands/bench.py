@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..dtypes import DTYPES
+
 SUITES = {
     "matmul": ["matmul"],
     "encoder": ["encoder"],
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds before timing (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="default: bfloat16 on a GPU, float32 on CPU")
     parser.add_argument("--attention", default=None, choices=["sdpa", "eager"], help="attention inside the branches (default sdpa)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder blocks (compile_blocks)")

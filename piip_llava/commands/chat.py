@@ -12,13 +12,13 @@ from threading import Event, Thread
 from transformers.utils import logging
 
 from piip_llava.conversation import IMAGE_PLACEHOLDER
+from piip_llava.dtypes import DTYPES
 
 logger = logging.get_logger(__name__)
 
 # Where the bundled demo model lives once it has been trained and shipped with the package.
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def positive_int(text: str) -> int:

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from ..dtypes import DTYPES
+
 
 def parse_branch_override(text: str) -> tuple[int, str, object]:
     """`BRANCH:KEY=VALUE` (e.g. `2:num_attention_heads=12`) -> (2, "num_attention_heads", 12)."""
@@ -61,7 +63,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--allow-missing", action="store_true", help="leave parameters without a checkpoint tensor at their init"
     )
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")
+    parser.add_argument("--dtype", choices=DTYPES, help="cast weights (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument(
         "--no-pad-to-square",

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .answer_request import ANSWERING_METHODS, LIKELIHOOD_TARGETS
+from ..dtypes import DTYPES
+from ..evaluation.answer_request import ANSWERING_METHODS, LIKELIHOOD_TARGETS
 
 logger = logging.get_logger(__name__)
 
@@ -34,7 +35,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Questions answered together (default: 8); lower it if memory runs out.")
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="Longest answer in tokens (default: 128); part of what the answers file records.")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="Weights dtype (default: auto, the dtype the checkpoint was saved in).")
     parser.add_argument("--device", default=None, help="Default: cuda:LOCAL_RANK if a GPU is visible, else cpu.")
     parser.add_argument("--num-shards", "--num-chunks", type=int, default=None,
@@ -133,7 +134,7 @@ def add_parser(subparsers) -> None:
 
 def run_provenance(args, benchmark: str, settings: dict) -> dict:
     """What this run's answers depend on: the model, the questions, and `settings` (see `provenance.py`)."""
-    from .provenance import model_identity, question_source
+    from ..evaluation.provenance import model_identity, question_source
 
     source = args.question_file if args.question_file is not None else args.dataset
     return {
@@ -149,10 +150,10 @@ def generate_and_merge(args, requests, key_fields, description: str, provenance:
 
     Every shard file, and the merged file, carries the run's `provenance`; a file another run wrote is refused.
     """
-    from .answers_file import atomic_write_json
-    from .generation import generate_answers, load_model_and_processor
-    from .provenance import check_or_record_provenance, provenance_path
-    from .sharding import (
+    from ..evaluation.answers_file import atomic_write_json
+    from ..evaluation.generation import generate_answers, load_model_and_processor
+    from ..evaluation.provenance import check_or_record_provenance, provenance_path
+    from ..evaluation.sharding import (
         Shard,
         all_shards_done,
         clear_shard_done,
@@ -200,7 +201,7 @@ def generate_and_merge(args, requests, key_fields, description: str, provenance:
 
 
 def write_metrics(path: str | None, metrics: dict) -> None:
-    from .answers_file import atomic_write_json
+    from ..evaluation.answers_file import atomic_write_json
 
     if path:
         atomic_write_json(path, metrics)
@@ -218,7 +219,7 @@ def read_result_file(result_file: str):
 
     Lines that are not JSON objects are left out, and said so: they are answers that will not count.
     """
-    from .answers_file import read_answers
+    from ..evaluation.answers_file import read_answers
 
     if not Path(result_file).is_file():
         raise ValueError(f"Result file {result_file} does not exist.")
@@ -236,7 +237,7 @@ def read_result_file(result_file: str):
 
 def textvqa_annotations(args) -> dict | None:
     """The human answers to score with: the annotation file, else the --dataset's answers column, else None."""
-    from .textvqa import annotations_from_dataset, load_annotations
+    from ..evaluation.textvqa import annotations_from_dataset, load_annotations
 
     if args.annotation_file is not None:
         return load_annotations(args.annotation_file)
@@ -246,7 +247,7 @@ def textvqa_annotations(args) -> dict | None:
 
 
 def textvqa_result(annotations: dict, result_file: str, metrics_file: str | None, problems: list) -> int:
-    from .textvqa import score_textvqa
+    from ..evaluation.textvqa import score_textvqa
 
     content = read_result_file(result_file)
     score = score_textvqa(content.records, annotations)
@@ -259,7 +260,7 @@ def textvqa_result(annotations: dict, result_file: str, metrics_file: str | None
 
 
 def mmbench_result(args, table, items, result_file: str, problems: list) -> int:
-    from .mmbench import score_mmbench, submission_frame, write_submission
+    from ..evaluation.mmbench import score_mmbench, submission_frame, write_submission
 
     content = read_result_file(result_file)
     records = content.records
@@ -287,7 +288,7 @@ def mmbench_result(args, table, items, result_file: str, problems: list) -> int:
 
 
 def run_eval_textvqa(args) -> int:
-    from .textvqa import KEY_FIELDS, load_textvqa_questions
+    from ..evaluation.textvqa import KEY_FIELDS, load_textvqa_questions
 
     loaded = load_textvqa_questions(args.question_file, args.image_folder, args.dataset, args.split, args.id_column)
     requests = loaded.requests[: args.limit] if args.limit is not None else loaded.requests
@@ -305,13 +306,13 @@ def run_eval_textvqa(args) -> int:
 
 
 def dataset_has_answers(args) -> bool:
-    from .local_datasets import load_local_dataset
+    from ..evaluation.local_datasets import load_local_dataset
 
     return "answers" in load_local_dataset(args.dataset, args.split).column_names
 
 
 def mmbench_inputs(args):
-    from .mmbench import load_mmbench_items, read_mmbench_dataset, read_mmbench_table
+    from ..evaluation.mmbench import load_mmbench_items, read_mmbench_dataset, read_mmbench_table
 
     if (args.question_file is None) == (args.dataset is None):
         raise ValueError("Give exactly one question source: --question-file (an MMBench TSV) or --dataset "
@@ -326,7 +327,7 @@ def mmbench_inputs(args):
 
 
 def run_eval_mmbench(args) -> int:
-    from .mmbench import KEY_FIELDS, mmbench_requests
+    from ..evaluation.mmbench import KEY_FIELDS, mmbench_requests
 
     table, items, skipped = mmbench_inputs(args)
     requests = mmbench_requests(table, items, lang=args.lang, likelihood_target=args.likelihood_target)

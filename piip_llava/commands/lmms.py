@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_lmms_tasks(args) -> int:
-    from .task_files import MMBENCH_LIKELIHOOD_TASK, MMBENCH_TASK, TEXTVQA_TASK, write_task_file
+    from ..evaluation.lmms.task_files import MMBENCH_LIKELIHOOD_TASK, MMBENCH_TASK, TEXTVQA_TASK, write_task_file
 
     if args.textvqa is None and args.mmbench is None:
         print("error: give --textvqa and/or --mmbench.", file=sys.stderr)
@@ -75,7 +75,7 @@ def answer_records_from_samples(lines: list[str], source: str) -> list[dict]:
 
 
 def run_lmms_answers(args) -> int:
-    from ..answers_file import atomic_write_text, records_to_jsonl
+    from ..evaluation.answers_file import atomic_write_text, records_to_jsonl
 
     with open(args.samples, encoding="utf-8") as handle:
         lines = handle.read().splitlines()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .chat import DTYPES, resolve_model_dir
+from ..dtypes import DTYPES
+from .chat import resolve_model_dir
 
 
 def add_parser(subparsers) -> None:

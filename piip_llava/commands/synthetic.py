@@ -34,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_synthetic(args: argparse.Namespace) -> int:
-    from .export import export_dataset
+    from ..synthetic import export_dataset
 
     start = time.perf_counter()
     try:

@@ -16,9 +16,10 @@ import os
 
 from transformers.utils import logging
 
+from ..dtypes import DTYPES
+
 logger = logging.get_logger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(subparsers) -> None:

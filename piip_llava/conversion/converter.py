@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.utils import logging
 
+from piip_llava.dtypes import DTYPES, torch_dtype
 from piip_llava.models.piip_llava import PIIPLlavaConfig, PIIPLlavaForConditionalGeneration
 
 from .checkpoint_io import ShardWriter, find_weight_files, iter_tensors, parse_size, read_shapes
@@ -47,7 +48,6 @@ TOKENIZER_PROBES = (
     "line one\nline two",
     "  double  spaces and ünïcode 漢字",
 )
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ConversionError(ValueError):
@@ -322,7 +322,7 @@ def _write_weights(dst, weight_files, mapping, filled, expected, config, dtype, 
     """Stream the renamed tensors into shards; returns the dtype name the model is stored in."""
     writer = ShardWriter(os.fspath(dst), max_shard_bytes)
     vocab_size = config.text_config.vocab_size
-    cast = DTYPES.get(dtype) if dtype else None
+    cast = torch_dtype(dtype) if dtype else None
     seen_dtypes = {}
     tensors = tqdm(iter_tensors(weight_files), total=tensor_count, desc="Converting", unit="tensor")
     for official, tensor in tensors:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from ..conversation import IMAGE_PLACEHOLDER
+from ..dtypes import torch_dtype
 from ..models.piip import PIIPVisionConfig, PIIPVisionModel
 from ..models.piip.image_processing_piip import PIIPImageProcessor
 from ..models.piip_llava import PIIPLlavaConfig, PIIPLlavaForConditionalGeneration
@@ -104,6 +105,6 @@ def assemble_piip_llava(
 def save_initial_model(model, processor, output_dir: str | Path, dtype: str = "float32") -> Path:
     """Save the assembled model (in `dtype`) and its processor where stage 1's `--model` can load them."""
     output_dir = Path(output_dir)
-    model.to(getattr(torch, dtype)).save_pretrained(output_dir)
+    model.to(torch_dtype(dtype)).save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return output_dir

@@ -117,6 +117,7 @@ def truncate_sample(
 
 
 def single_token_id(tokenizer, text: str) -> int:
+    """The one token id of `text` (the image placeholder, an image token); a clear error if it is not one token."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
         raise ValueError(

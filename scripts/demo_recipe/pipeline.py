@@ -22,8 +22,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from ..file_writing import atomic_write_text
-from ..training.precision import cpu_has_native_bf16
+from piip_llava.file_writing import atomic_write_text
+from piip_llava.training import cpu_has_native_bf16
 
 logger = logging.get_logger(__name__)
 
@@ -150,7 +150,7 @@ def run_cli(*arguments: str, threads: int) -> None:
 
 
 def export_data(data_dir: Path, recipe: Recipe) -> Path:
-    from .export import export_dataset
+    from piip_llava.synthetic import export_dataset
 
     if not (data_dir / "stats.json").exists():
         export_dataset(data_dir, seed=recipe.seed, num_train_images=recipe.train_images,
@@ -234,8 +234,8 @@ def write_number_choice_records(data_dir: Path, per_image: int, seed: int) -> Pa
     record per image (docs/training.md), the 4-layer LLM mostly did not learn the copy: numbers rose from 9-10%
     to 24-30% in the MMBench format, about chance.
     """
-    from .export import item_rng
-    from .questions import TEXT_QUESTION_TYPES, Question, human_turn, make_multiple_choice
+    from piip_llava.synthetic import item_rng
+    from piip_llava.synthetic.questions import TEXT_QUESTION_TYPES, Question, human_turn, make_multiple_choice
 
     path = data_dir / f"finetune_number_choice_{per_image}.json"
     if path.exists():
@@ -277,8 +277,8 @@ def build_llm(llm_dir: Path, data_dir: Path, recipe: Recipe) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..tokenizer_training import train_llama_style_tokenizer
-    from .export import tokenizer_corpus
+    from piip_llava.synthetic import tokenizer_corpus
+    from piip_llava.tokenizer_training import train_llama_style_tokenizer
 
     if (llm_dir / "config.json").exists():
         return llm_dir
@@ -315,7 +315,7 @@ def pretrain_llm(work_dir: Path, data_dir: Path, recipe: Recipe, before_step=Non
 
 
 def pretrain_vision_encoder(run_dir: Path, vision_config: Path, recipe: Recipe) -> Path:
-    """One encoder per run, pretrained on scene attributes (see `piip_llava.synthetic.pretraining`)."""
+    """One encoder per run, pretrained on scene attributes (see `demo_recipe.pretraining`)."""
     from .pretraining import EncoderPretraining, pretrain_encoder
 
     settings = EncoderPretraining(steps=recipe.encoder_pretraining_steps, seed=recipe.seed,
@@ -451,8 +451,8 @@ def evaluate(eval_dir: Path, data_dir: Path, model_dir: Path, recipe: Recipe, by
     option of every round is scored, the costliest part), and chance levels. Each benchmark resumes from
     its answers file, so a finished evaluation only scores again.
     """
-    from ..evaluation.answers_file import read_answers
-    from ..evaluation.textvqa import load_annotations, score_textvqa
+    from piip_llava.evaluation.answers_file import read_answers
+    from piip_llava.evaluation.textvqa import load_annotations, score_textvqa
 
     results_file = eval_dir / "results.json"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -505,9 +505,9 @@ def text_kind(written: str) -> str:
 
 def textvqa_scores_by_kind(answers_file: Path, splits: Path) -> dict:
     """{text type: {kind: TextVQA-format accuracy and samples}} for the text questions of an answers file."""
-    from ..evaluation.answers_file import read_answers
-    from ..evaluation.textvqa import load_annotations, score_textvqa
-    from .questions import TEXT_QUESTION_TYPES
+    from piip_llava.evaluation.answers_file import read_answers
+    from piip_llava.evaluation.textvqa import load_annotations, score_textvqa
+    from piip_llava.synthetic.questions import TEXT_QUESTION_TYPES
 
     question_types = json.loads((splits / "question_types.json").read_text())
     annotations = load_annotations(splits / "textvqa_annotations.json")
@@ -527,8 +527,8 @@ def textvqa_scores_by_kind(answers_file: Path, splits: Path) -> dict:
 
 def mmbench_text_items_by_kind(splits: Path) -> dict:
     """{text type: {kind: every round of its MMBench-format questions}}, the kind told by the right option."""
-    from ..evaluation.mmbench import OPTION_LETTERS, load_mmbench_items, read_mmbench_table
-    from .questions import TEXT_QUESTION_TYPES
+    from piip_llava.evaluation.mmbench import OPTION_LETTERS, load_mmbench_items, read_mmbench_table
+    from piip_llava.synthetic.questions import TEXT_QUESTION_TYPES
 
     items, _ = load_mmbench_items(read_mmbench_table(splits / "mmbench_dev.tsv"))
     grouped = {}
@@ -541,8 +541,8 @@ def mmbench_text_items_by_kind(splits: Path) -> dict:
 
 def mmbench_scores_by_kind(answers_file: Path, items_by_kind: dict) -> dict:
     """{text type: {kind: vanilla and circular accuracy, replies naming no option, questions}} of an answers file."""
-    from ..evaluation.answers_file import read_answers
-    from ..evaluation.mmbench import match_records, score_mmbench
+    from piip_llava.evaluation.answers_file import read_answers
+    from piip_llava.evaluation.mmbench import match_records, score_mmbench
 
     records = read_answers(answers_file).records
     scores = {}

@@ -42,22 +42,11 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging
 
-from ..conversation import IMAGE_PLACEHOLDER, get_conversation_format
-from ..models.piip import PIIPVisionConfig, PIIPVisionModel
-from ..models.piip.image_processing_piip import PIIPImageProcessor
-from ..models.piip_llava.projector import resize_to_grid
-from ..training.data import (
-    TRAINING_PAD_MULTIPLE,
-    LlavaDataCollator,
-    expand_image_tokens,
-    single_token_id,
-    tokenize_with_labels,
-    truncate_sample,
-)
-from ..training.precision import register_float32_attention
-from ..training.records import record_conversation_messages
-from .export import item_rng
-from .questions import (
+from piip_llava import PIIPImageProcessor, PIIPVisionConfig, PIIPVisionModel
+from piip_llava.conversation import IMAGE_PLACEHOLDER, get_conversation_format
+from piip_llava.models.piip_llava import resize_to_grid
+from piip_llava.synthetic import item_rng
+from piip_llava.synthetic.questions import (
     QUESTION_TYPES,
     TEXT_QUESTION_TYPES,
     Question,
@@ -70,7 +59,7 @@ from .questions import (
     vary_items,
     with_listing_turn,
 )
-from .scenes import (
+from piip_llava.synthetic.scenes import (
     NUMBERS,
     PALETTE,
     SHAPE_KINDS,
@@ -87,6 +76,17 @@ from .scenes import (
     random_text_content,
     render_scene,
 )
+from piip_llava.training import (
+    TRAINING_PAD_MULTIPLE,
+    LlavaDataCollator,
+    expand_image_tokens,
+    record_conversation_messages,
+    single_token_id,
+    tokenize_with_labels,
+    truncate_sample,
+)
+
+from .precision import register_float32_attention
 
 logger = logging.get_logger(__name__)
 

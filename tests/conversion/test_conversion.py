@@ -23,7 +23,7 @@ from piip_llava.commands.convert import add_parser, parse_branch_override
 from piip_llava.conversion import ConversionError, convert_released_checkpoint
 from piip_llava.models.piip_llava import PIIPLlavaConfig, PIIPLlavaForConditionalGeneration
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 TOKENIZER_SOURCE = os.path.join(FIXTURES, "official-piip", "clip_clip_deform")
 VOCAB = 320  # the stand-in tokenizer's size
 LLM = {

@@ -14,7 +14,7 @@ from piip_llava.conversion.key_mapping import EXPECTED_UNUSED, map_released_key
 from piip_llava.conversion.released_config import VICUNA_V15_TEXT_CONFIGS, piip_llava_config_from_released
 from piip_llava.models.piip_llava import PIIPLlavaConfig
 
-ROOT = os.path.dirname(os.path.dirname(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 RELEASED = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures", "released_configs", "*.py")))
 
 

@@ -18,7 +18,7 @@ import piip_llava  # noqa: F401  (registers the Auto classes)
 from piip_llava.conversion import convert_released_checkpoint
 from piip_llava.models.piip_llava import PIIPLlavaForConditionalGeneration
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "official-piip")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "official-piip")
 OFFICIAL_IMAGE_MARKER = -200  # LLaVA's IMAGE_TOKEN_INDEX in input_ids
 
 # Measured max abs differences (fp32, CPU): clip_clip_deform features 3.4e-7, logits 2.8e-7;

@@ -19,9 +19,9 @@ from transformers import AutoConfig, AutoModelForImageClassification
 from piip_llava import PIIPBackbone
 from piip_llava.cli import main
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official-piip-perception"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "official-piip-perception"
 # More official configurations, written by the official classification code run locally (see its README).
-LOCAL_FIXTURES = Path(__file__).parent / "fixtures" / "official-piip-perception-local"
+LOCAL_FIXTURES = Path(__file__).parents[1] / "fixtures" / "official-piip-perception-local"
 TOLERANCE = 1e-5
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_demo_schedule.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_demo_schedule.py"
 
 
 @pytest.fixture(scope="module")

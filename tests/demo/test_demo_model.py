@@ -12,7 +12,7 @@ from piip_llava.cli import main
 from piip_llava.commands.chat import BUNDLED_MODEL_DIR
 from piip_llava.evaluation.answer_normalization import normalize_answer
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "piip_llava" / "assets" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "piip_llava" / "assets" / "examples"
 SIZE_BUDGET_BYTES = 30 * 10**6
 
 
@@ -150,7 +150,7 @@ def test_the_readme_quotes_the_shipped_models_large_split_scores():
     it quoting the previous one."""
     _, results = training_script_and_shipped_results()
     large = results["large_check"]
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     labels = {"shape": "| shape (", "count": "| count |", "position": "| position (", "colour": "| colour (",
               "text_large": "| large text (", "text_small": "| small text |"}
     for kind, label in labels.items():

@@ -4,7 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "piip_experiment.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "piip_experiment.py"
 
 
 def load_script():

@@ -1,4 +1,4 @@
-"""Stage 0 of the synthetic pipeline: scene-attribute targets, encoder pretraining and language pretraining."""
+"""Stage 0 of the demo recipe: scene-attribute targets, encoder pretraining and language pretraining."""
 
 import argparse
 import json
@@ -11,14 +11,8 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-from piip_llava.models.piip import PIIPVisionConfig, PIIPVisionModel
-from piip_llava.models.piip.image_processing_piip import PIIPImageProcessor
-from piip_llava.synthetic import export_dataset
-from piip_llava.synthetic.export import item_rng
-from piip_llava.synthetic.pipeline import (
+from demo_recipe import precision
+from demo_recipe.pipeline import (
     Recipe,
     SideBySideProcess,
     build_llm,
@@ -27,7 +21,7 @@ from piip_llava.synthetic.pipeline import (
     write_number_choice_records,
     write_questions_without_text,
 )
-from piip_llava.synthetic.pretraining import (
+from demo_recipe.pretraining import (
     DIGIT_PLACES,
     ENCODER_TRAIN_SPLIT,
     LANGUAGE_CHECK_SPLIT,
@@ -57,10 +51,14 @@ from piip_llava.synthetic.pretraining import (
     text_kind_key,
     training_sample,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from piip_llava import PIIPImageProcessor, PIIPVisionConfig, PIIPVisionModel
+from piip_llava.synthetic import export_dataset, item_rng
 from piip_llava.synthetic.questions import caption, qa_conversation, questions_of_type, scene_statements
 from piip_llava.synthetic.scenes import TEXT_POSITIONS, WORDS, Scene, SceneText, Shape, generate_scene, render_scene
-from piip_llava.training import precision
-from piip_llava.training.data import TRAINING_PAD_MULTIPLE
+from piip_llava.training import TRAINING_PAD_MULTIPLE
 
 TINY_CONFIG = "configs/tiny_convnext_clip.json"
 
@@ -200,7 +198,7 @@ def test_a_data_loader_worker_builds_the_same_encoder_batches_in_the_same_order(
 
 @pytest.mark.parametrize("corner", [True, False])
 def test_encoder_pretraining_trains_on_corner_texts_and_checks_on_single_texts(corner, tmp_path, monkeypatch):
-    from piip_llava.synthetic import pretraining
+    from demo_recipe import pretraining
 
     drawn = []
     original = pretraining.pretraining_images
@@ -457,7 +455,7 @@ def test_recipe_options_parse_from_the_command_line_including_switches():
 def settings_and_commands_of_the_pipeline(recipe: Recipe, tmp_path, monkeypatch) -> dict:
     """What the pipeline hands each stage for `recipe`: both stage-0 settings and the `piip-llava` commands of
     `train init` and stages 1 and 2, recorded instead of run."""
-    from piip_llava.synthetic import pipeline, pretraining
+    from demo_recipe import pipeline, pretraining
 
     seen = {}
     monkeypatch.setattr(pretraining, "pretrain_encoder", lambda config, out, settings: seen.setdefault("encoder", settings))
@@ -642,7 +640,7 @@ def test_an_error_beside_a_side_by_side_process_stops_it():
 
 
 def test_stage_0_trains_the_encoder_in_a_child_process_beside_the_llm(small_export, tmp_path, monkeypatch):
-    from piip_llava.synthetic import pipeline, pretraining
+    from demo_recipe import pipeline, pretraining
 
     recipe = Recipe(language_pretraining_steps=3, encoder_pretraining_steps=3, threads=2)
 
@@ -680,7 +678,7 @@ def test_stage_0_trains_the_encoder_in_a_child_process_beside_the_llm(small_expo
 
 
 def test_stage_0_trains_the_unfinished_half_alone_on_every_thread(tmp_path, monkeypatch):
-    from piip_llava.synthetic import pipeline
+    from demo_recipe import pipeline
 
     calls = []
     monkeypatch.setattr(pipeline, "pretrain_llm", lambda *arguments, **keywords: calls.append(("llm", keywords)))

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from piip_llava.cli import main
+from piip_llava.commands.lmms import answer_records_from_samples
 from piip_llava.evaluation.answers_file import read_answers
 from piip_llava.evaluation.lmms import task_functions
-from piip_llava.evaluation.lmms.commands import answer_records_from_samples
 from piip_llava.evaluation.lmms.task_files import MMBENCH_TASK, TEXTVQA_TASK, dataset_source
 from piip_llava.evaluation.mmbench import load_mmbench_items, read_mmbench_table, score_mmbench
 from piip_llava.evaluation.textvqa import load_annotations, score_textvqa

@@ -16,7 +16,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("PIIP_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 # vLLM refuses images over this many pixels with a 400 (VLLM_MAX_IMAGE_PIXELS); the web page's default limit too.
 MAX_IMAGE_PIXELS = 25_000_000

@@ -4,7 +4,7 @@ Used by `test_training_resume.py`: for each sampler it trains straight through, 
 stopping after a checkpoint, then resumes from that checkpoint, and writes what each phase trained
 on (the dataset indices this rank read, in order) and the logged losses to `RESULTS/rank-N.json`.
 
-    torchrun --nproc_per_node 2 tests/distributed_resume_worker.py WORKSPACE RESULTS STOP_STEP
+    torchrun --nproc_per_node 2 tests/training/distributed_resume_worker.py WORKSPACE RESULTS STOP_STEP
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from piip_llava import PIIPLlavaForConditionalGeneration
 from piip_llava.training.assembly import assemble_piip_llava, load_vision_encoder, save_initial_model
 from piip_llava.training.trainer import load_processor
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
 
 pytestmark = pytest.mark.skipif(not Path(DEEPSPEED).exists(), reason="the deepspeed launcher is not installed")

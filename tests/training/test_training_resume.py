@@ -46,7 +46,7 @@ def phases(tmp_path_factory) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(PROCESSES), "--master_port",
                str(free_port()), str(TESTS / "distributed_resume_worker.py"), str(root), str(results), str(STOP_STEP)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))}
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parents[1]), os.environ.get("PYTHONPATH")]))}
     log = root / "worker.log"
     with open(log, "w") as handle:
         result = subprocess.run(command, check=False, env=environment, stdout=handle, stderr=subprocess.STDOUT,

@@ -1,6 +1,6 @@
 from .configuration_piip_llava import PIIPLlavaConfig
 from .modeling_piip_llava import PIIPLlavaForConditionalGeneration, PIIPLlavaModel, PIIPLlavaPreTrainedModel
-from .projector import PIIPMultiBranchProjector
+from .projector import PIIPMultiBranchProjector, resize_to_grid
 
 __all__ = [
     "PIIPLlavaConfig",
@@ -8,4 +8,5 @@ __all__ = [
     "PIIPLlavaModel",
     "PIIPLlavaPreTrainedModel",
     "PIIPMultiBranchProjector",
+    "resize_to_grid",
 ]

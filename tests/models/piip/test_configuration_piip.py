@@ -19,7 +19,7 @@ from piip_llava.models.piip import PIIPBranchConfig, PIIPVisionConfig, PIIPVisio
 from piip_llava.models.piip.branches import BRANCH_ADAPTERS
 from piip_llava.models.piip.configuration_piip import BRANCH_FAMILIES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 # Encoder and whole-model configs as the project has written them (a converted checkpoint's config.json has
 # the demo model's layout).
 SAVED_CONFIGS = sorted(REPO.glob("configs/*.json")) + [REPO / "piip_llava/assets/demo_model/config.json"]

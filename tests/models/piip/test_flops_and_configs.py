@@ -18,7 +18,7 @@ from piip_llava.flops import (
 )
 from piip_llava.models.piip import PIIPVisionConfig, PIIPVisionModel
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.json"))
 # Whole-model configs of the released checkpoints (model_type piip_llava) sit beside the encoder configs.
 MODEL_CONFIGS = [path for path in ALL_CONFIGS if json.loads(path.read_text()).get("model_type") == "piip_llava"]

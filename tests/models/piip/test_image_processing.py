@@ -13,7 +13,7 @@ from transformers import AutoImageProcessor
 from piip_llava.models.piip import PIIPVisionConfig
 from piip_llava.models.piip.image_processing_piip import PIIPImageProcessor
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 LLAVA_PAD_COLOUR = (123, 116, 103)  # tuple(int(x * 255) for x in IMAGENET_MEAN)

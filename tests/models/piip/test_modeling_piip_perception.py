@@ -16,7 +16,7 @@ from piip_llava import PIIPBackbone, PIIPForImageClassification, PIIPPerceptionC
 from piip_llava.cli import main
 from piip_llava.models.piip.modeling_piip_perception import PIIPPerceptionModel, windowed_attention
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official-piip-perception"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "official-piip-perception"
 
 
 def branch(image_size, width, heads, layers=2, **options):

@@ -18,7 +18,7 @@ from piip_llava.conversion.perception import (
 )
 from piip_llava.flops import count_perception_cost, load_vision_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 RELEASED = ROOT / "tests" / "fixtures" / "released_configs_perception"
 BUNDLED = ROOT / "configs" / "perception"
 RELEASED_FILES = sorted(RELEASED.rglob("*.py"))
