@@ -1,29 +1,21 @@
-"""The `piip-llava` command: one entry point whose subcommands live beside the code they drive.
+"""The `piip-llava` command: one entry point whose subcommands live in `piip_llava.commands`, one module each.
 
 Each subcommand module exposes `add_parser(subparsers)`, which registers its parser and sets
-`handler` (a function taking the parsed arguments and returning an exit code). Modules are listed
-here so `piip-llava --help` shows every command without importing torch-heavy code up front.
+`handler` (a function taking the parsed arguments and returning an exit code). The modules import
+torch-heavy code only inside their handlers, so `piip-llava --help` stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import sys
 
-SUBCOMMAND_MODULES = [
-    "piip_llava.commands.chat",
-    "piip_llava.commands.serve",
-    "piip_llava.commands.train",
-    "piip_llava.commands.evaluate",
-    "piip_llava.commands.lmms",
-    "piip_llava.commands.convert",
-    "piip_llava.commands.flops",
-    "piip_llava.commands.bench",
-    "piip_llava.commands.synthetic",
-]
+from .commands import bench, chat, convert, evaluate, flops, lmms, serve, synthetic, train
+
+# In the order `piip-llava --help` lists them.
+SUBCOMMANDS = [chat, serve, train, evaluate, lmms, convert, flops, bench, synthetic]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parameter-Inverted Image Pyramid networks and PIIP-LLaVA: chat, train, evaluate, convert.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in SUBCOMMAND_MODULES:
-        importlib.import_module(module_name).add_parser(subparsers)
+    for command in SUBCOMMANDS:
+        command.add_parser(subparsers)
     return parser
 
 
