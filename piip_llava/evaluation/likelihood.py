@@ -94,8 +94,8 @@ def score_replies(model, processor, questions: Sequence[str], images: Sequence[I
 
     Two forward passes: the prompts (left-padded, images and all), then every reply at once, each row
     continuing its question's key/value cache (repeated once per reply) and right-padded after it. The
-    image and the prompt are encoded once per question instead of once per reply (2.1x less CPU time than
-    whole conversations on the demo model); the scores are the same (tests compare the two).
+    image and the prompt are encoded once per question instead of once per reply (docs/training.md has the
+    time saved); the scores are the same as for whole conversations (tests compare the two).
     """
     tokenizer = processor.tokenizer
     if tokenizer.padding_side != "left":

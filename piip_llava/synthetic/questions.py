@@ -71,13 +71,11 @@ class Question:
 class MultipleChoice:
     """A question turned into 2-4 lettered options; the answer is the letter of the correct option.
 
-    The assistant's training reply is the right option's text ("red"), not its letter (`reply`). The
-    demo model's 4-layer LLM never learnt to map an answer to its letter within the CPU budget
-    (docs/training.md): trained on bare letters (28,600 turns) or on "red (B)", where the letter is
-    a lookup keyed by the word just said, its letters stayed at chance, even when the option it
-    named was right. A reply that names the option is scored as that option by MMBench's answer
-    matching (VLMEvalKit's `can_infer`, our `extract_option_letter`), so the model's choice is
-    measured as made instead of being hidden behind a random letter; it does not follow the
+    The assistant's training reply is the right option's text ("red"), not its letter (`reply`): a
+    small LLM trained from nothing does not learn to map its answer to a letter within a CPU budget
+    (docs/training.md), while a reply that names the option is scored as that option by MMBench's
+    answer matching (VLMEvalKit's `can_infer`, our `extract_option_letter`). So the model's choice
+    is scored as made instead of being hidden behind a random letter; it does not follow the
     instruction to answer with the letter.
     """
 
@@ -344,10 +342,10 @@ def finetune_items(
     random order, one "what is written" question always among them when the scene has text, and a
     "List the shapes." turn (`with_listing_turn`).
 
-    Measured on the demo model (docs/training.md): with many questions per image count reached 99%
-    (from 78% with 1-3 of distinct types), and the listing turn took position from 27% to 92%: it
-    states each shape's position right after its colour and kind, the one-step form of the lookup a
-    position question asks for. The text question is kept in because reading gets no other practice.
+    Many questions per image teach counting; the listing turn states each shape's position right after
+    its colour and kind, the one-step form of the lookup a position question asks for. The text question
+    is kept in because reading gets no other practice. What each of these did to the demo model's scores
+    is in docs/training.md.
     """
     questions = all_questions(scene)
     rng.shuffle(questions)

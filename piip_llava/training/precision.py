@@ -2,7 +2,7 @@
 
 bfloat16 autocast on the CPU is fast only where the processor multiplies bfloat16 in hardware
 (x86: AVX512_BF16 or AMX; Arm: the BF16 extension). Elsewhere oneDNN emulates it, many times slower
-than float32 (docs/performance.md has the figures). So a training run asked for bf16 on a CPU
+than float32 (docs/training.md, "Precision follows the CPU", has the figures). So a training run asked for bf16 on a CPU
 without it warns, and the demo recipe (scripts/demo_recipe) turns bf16 on only where it is native.
 """
 

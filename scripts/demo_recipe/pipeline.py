@@ -27,7 +27,7 @@ from piip_llava.training import cpu_has_native_bf16
 
 logger = logging.get_logger(__name__)
 
-# The LLM: small enough to train from scratch on 2 cores in minutes.
+# The LLM: small enough to train from scratch on 2 CPU cores.
 SMALL_LLM = {
     "hidden_size": 256,
     "intermediate_size": 688,
@@ -49,9 +49,7 @@ class Recipe:
     eval_images: int = 150
     vocab_size: int = 640
     pretrain_epochs: float = 2.0
-    # 700 stage-0 LLM steps and 4 stage-2 epochs of conversations of up to 6 questions and a listing turn
-    # (`finetune_items`): 25.3 minutes on 2 cores with bf16 hardware, stage 0's halves side by side (28.6-30.4
-    # in three runs one after the other), 66 in float32 on an AVX2-only CPU (docs/training.md).
+    # 4 stage-2 epochs of conversations of up to 6 questions and a listing turn (`finetune_items`).
     finetune_epochs: float = 4.0
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
@@ -61,17 +59,14 @@ class Recipe:
     encoder_corner_texts: bool = True
     language_pretraining_steps: int = 700
     # Share of the stage-0 LLM's question conversations that show the text blurred with a look-alike and
-    # ask about it as multiple choice only (`LanguagePretraining.look_alike_text_rate`). The shipped demo model
-    # was trained with 0.2 (docs/training.md): its stage-0 LLM did not learn the choice itself (27% against 25%
-    # chance), but that run reached colour 100% against 59-62% in two runs without it, equal or better on every
-    # other type in the open format; its multiple-choice text stayed at chance like theirs.
+    # ask about it as multiple choice only (`LanguagePretraining.look_alike_text_rate`); docs/training.md has
+    # what it changed.
     look_alike_text_rate: float = 0.2
     # Digits get place codes in the stage-0 LLM's cell tokens (`LanguagePretraining.digit_place_codes`).
     digit_place_codes: bool = True
     # Stage 2 keeps the whole pretrained encoder fixed, as LLaVA-1.5 keeps its CLIP, so the encoder runs
-    # without a backward graph. Measured: 1.1 against 1.0 stage-2 steps/s with the interactions
-    # training; the LLM on multi-turn prompts dominates. Without it, `freeze_vision_branches` keeps
-    # only the backbones fixed.
+    # without a backward graph; the LLM on multi-turn prompts dominates a step either way. Without it,
+    # `freeze_vision_branches` keeps only the backbones fixed.
     freeze_vision_tower: bool = True
     freeze_vision_branches: bool = True
     # Add every caption to stage 2 as a "describe the image" turn (see `write_instruction_mix`).
@@ -80,40 +75,30 @@ class Recipe:
     # `write_questions_without_text`).
     text_questions: bool = True
     # Extra single-turn stage-2 records per training image whose text is a number: its text question asked as
-    # multiple choice with fresh options (see `write_number_choice_records`). Measured with 1 (docs/training.md):
-    # MMBench vanilla text 50 / 52 against 39 / 47, but numbers only at about chance, for 19.6 against 12.7
-    # minutes of stage 2 on an AVX2 CPU; off by default.
+    # multiple choice with fresh options (see `write_number_choice_records`); off by default, as it did not
+    # teach numbers (docs/training.md).
     number_choice_records: int = 0
     # Image tokens per side (0: the encoder's own grid). A scene is a 3x3 grid of cells, so 3 gives one
-    # token per cell and the LLM looks among 9 tokens instead of 64: on count questions alone, its loss
-    # began to depend on the image after about 125 steps with 9 tokens, not within 150 with 64.
+    # token per cell and the LLM looks among 9 tokens instead of 64, which it learns to use far sooner.
     projector_grid: int = 3
     # Each image token averages its cell of the encoder's maps (`resize_to_grid` with antialias) instead of
     # reading the map at the cell's centre, in the projector and in the encoder's stage-0 heads alike. An
     # 8x8 map read at 3 points leaves most of each cell unread, and the text sits anywhere in its corner cell.
     projector_antialias: bool = True
     # bfloat16 autocast in the stage-0 LLM and stages 1 and 2 (`piip-llava train --bf16`); weights stay float32.
-    # On by default only where the CPU has hardware bfloat16 (`cpu_has_native_bf16`): on a 2-core AMD EPYC
-    # with AVX512_BF16 the stage-0 LLM ran 1.6x the float32 steps/s, on a 2-core Intel CPU with it stage 2
-    # 1.7x; on a 2-core AVX2 EPYC the emulated bf16 took 47 s a stage-0 LLM step against 2.04 s in float32.
-    # The encoder's stage 0 stays float32 (its one bf16 run read words worse, 71% against 88%). In the
-    # stage-0 LLM the attention kernel stays float32 (`float32_sdpa_attention`): with it in bf16 too, the
-    # loss fell behind float32's from step 200 and the LLM read colour 56% and numbers 7% (teacher-forced)
-    # against 94% and 54% in float32.
+    # On by default only where the CPU has hardware bfloat16 (`cpu_has_native_bf16`): elsewhere it is emulated
+    # and many times slower. The encoder's stage 0 stays float32 (in bf16 it read worse). In the stage-0 LLM the
+    # attention kernel stays float32 (`float32_sdpa_attention`): with it in bf16 too, the LLM did not learn its
+    # lookups (docs/training.md).
     bf16: bool = field(default_factory=cpu_has_native_bf16)
-    # Whether `bf16` covers the stage-0 LLM: 12.6-14.0 minutes alone on 2 cores of the AVX512_BF16 EPYC against
-    # 22.2 in float32 (docs/training.md).
+    # Whether `bf16` covers the stage-0 LLM.
     language_pretraining_bf16: bool = True
-    # The stage-0 LLM's peak learning rate (`LanguagePretraining.learning_rate`). In bf16 (float32 kernel) on the
-    # AVX512_BF16 EPYC, 1.5e-3 learnt every lookup (teacher-forced colour, words and numbers 100%, position 84%)
-    # where 2e-3 left colour at 58% (the LLM read a colour of the scene, not the named shape's) and 3e-3 most
-    # lookups near chance; its loss was below 2e-3's from step 100 on, and below float32's at 2e-3. The
-    # float32 runs used 2e-3; 1.5e-3 was not run in float32 (docs/training.md).
+    # The stage-0 LLM's peak learning rate (`LanguagePretraining.learning_rate`): the highest at which it learnt
+    # every lookup in bf16 (docs/training.md).
     language_pretraining_lr: float = 1.5e-3
     # Train the stage-0 encoder in a child process on half the threads while the stage-0 LLM trains on the rest,
-    # the LLM taking every thread once the encoder is done (`pretrain_stage_zero`). Neither uses 2 cores fully:
-    # on the AVX512_BF16 EPYC a step took 1.73x (LLM) and 1.51x (encoder) as long on 1 thread as on 2, and side
-    # by side each kept its 1-thread pace. The LLM's steps gave the same bits on 1 thread and on 2 there.
+    # the LLM taking every thread once the encoder is done (`pretrain_stage_zero`): neither uses 2 cores fully,
+    # so side by side they finish sooner than one after the other.
     stage_zero_side_by_side: bool = True
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
 
@@ -230,9 +215,8 @@ def write_number_choice_records(data_dir: Path, per_image: int, seed: int) -> Pa
     The demo model reads a number's first digit far better than the rest, and in the MMBench format it replied
     with a number of its own (first digit right, then a misreading) that names no option. A multiple-choice
     reply can be finished by copying the option that begins as the reading does, a copy from the prompt; each
-    image's own conversation asks its text question as multiple choice only 3 times in 10. Measured with one
-    record per image (docs/training.md), the 4-layer LLM mostly did not learn the copy: numbers rose from 9-10%
-    to 24-30% in the MMBench format, about chance.
+    image's own conversation asks its text question as multiple choice only 3 times in 10. docs/training.md has
+    what one record per image did.
     """
     from piip_llava.synthetic import item_rng
     from piip_llava.synthetic.questions import TEXT_QUESTION_TYPES, Question, human_turn, make_multiple_choice

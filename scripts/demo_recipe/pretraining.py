@@ -2,11 +2,10 @@
 
 PIIP-LLaVA starts from pretrained vision backbones and a pretrained LLM; stage 1 (projector only)
 aligns them and stage 2 teaches the conversations. Started from random weights instead, stage 1
-has nothing to align and stage 2 never found a use for the image within a CPU budget: it learned
-the answers' prior while the encoder's features drifted to carry less about the image than at
-initialisation (a linear probe for "which colours are present" read 84% at initialisation and 72%
-after stage 2, against a 70% base rate). So the demo model and the PIIP experiment first give
-their parts the pretraining real ones have, in miniature:
+has nothing to align and stage 2 does not find a use for the image within a CPU budget: it learns
+the answers' prior while the encoder's features drift to carry less about the image than at
+initialisation (docs/training.md). So the demo model and the PIIP experiment first give their parts
+the pretraining real ones have, in miniature:
 
 - the encoder (all its branches and interactions together) learns to classify what each cell of
   the scene's 3x3 grid holds (shape kind, colour and size; the printed word or number, a number's
@@ -16,8 +15,8 @@ their parts the pretraining real ones have, in miniature:
   question turns about fresh scenes, in the stage-1 and stage-2 prompt formats, with each of the
   9 image tokens replaced by a learned linear code of its cell's true attributes
   (`CellAttributeEmbedding`). Trained on plain text instead, the LLM still had to discover in
-  stage 2 how to find the cell a question names among the image tokens; within the CPU budget it
-  did not for position questions (4% against 20% chance) and barely for colour and shape.
+  stage 2 how to find the cell a question names among the image tokens, and within the CPU budget it
+  did not for position questions and barely for colour and shape.
 
 Both then go through the usual `piip-llava train init`, stage 1 and stage 2.
 """
@@ -206,7 +205,7 @@ class EncoderPretraining:
     corner_texts: bool = True
     # Data loader workers that draw and render the next steps' images while this process trains
     # (`step_batches`); the batches are the same with any number. None by default: on 2 cores a worker
-    # gave 1.04x and 0.92x the steps/s in two runs (benchmarks/bench_demo_schedule.py).
+    # does not pay (benchmarks/bench_demo_schedule.py).
     data_workers: int = 0
     seed: int = 0
 
@@ -228,9 +227,8 @@ class PretrainingImage(NamedTuple):
 def corner_texts(scene: Scene, rng: random.Random) -> tuple[SceneText, ...]:
     """A random word or number, of a random size class, in every corner cell that the scene's text leaves free.
 
-    Reading is what the encoder learns slowest: with one text per image, 1800 steps of 8 images read words
-    77% and a number's digits 51 / 30 / 41% of the time by place on held-out scenes; with four, 99% and
-    89 / 55 / 77%, at the same cost per step (docs/training.md). The text cells stay apart from the shapes' cells.
+    Reading is what the encoder learns slowest, and four texts an image teach it more per step than one at
+    the same cost (docs/training.md). The text cells stay apart from the shapes' cells.
     """
     taken = scene.text.position if scene.text is not None else None
     return tuple(place_text(rng, random_text_content(rng), rng.choice(TEXT_SIZE_CLASSES), position, scene.image_size)
@@ -392,9 +390,8 @@ def save_with_metrics(savables: list, metrics: dict, out_dir: Path) -> None:
 def encoder_to_pretrain(config: PIIPVisionConfig) -> PIIPVisionModel:
     """A randomly initialised encoder in training mode, its weights channels-last.
 
-    Channels-last weights make oneDNN pick its channels-last convolutions for the ResNet branches:
-    1.2-1.7x the encoder's stage-0 steps/s on 2 CPU cores (AMD EPYC with AVX-512), the same arithmetic
-    in another memory order. The saved weights load as usual.
+    Channels-last weights make oneDNN pick its faster channels-last convolutions for the ResNet branches:
+    the same arithmetic in another memory order. The saved weights load as usual.
     """
     return PIIPVisionModel(config).to(memory_format=torch.channels_last).train()
 
@@ -439,11 +436,9 @@ class LanguagePretraining:
     docs/training.md): captions (10%) and conversations of up to 12 of the scene's questions, mostly
     without the short-answer instruction (shorter turns, more answers per token), 80% of them with a
     "List the shapes." turn answered by `scene_statements`, the questions themselves predicted too
-    (`question_loss`), 10% of the questions as multiple choice. The demo recipe runs 700 steps: 18 to 35
-    minutes on 2 cores in float32, by the machine, and 12 to 14 in `bf16` on a CPU with AVX512_BF16. In bf16
-    the attention kernel stays float32 (`float32_sdpa_attention`): with bf16 attention too, colour and numbers
-    were not learnt; with the float32 kernel at this learning rate, colour was not, and at 1.5e-3 (the
-    recipe's, `Recipe.language_pretraining_lr`) every lookup was, in one run each.
+    (`question_loss`), 10% of the questions as multiple choice. In bf16 the attention kernel stays float32
+    (`float32_sdpa_attention`), and the demo recipe lowers the learning rate (`Recipe.language_pretraining_lr`):
+    otherwise some lookups are not learnt.
     """
 
     steps: int = 450
@@ -468,11 +463,11 @@ class LanguagePretraining:
     # (`CellAttributeEmbedding`), so a number's digits can be read in order before the offsets have learnt it.
     digit_place_codes: bool = False
     max_length: int = 320
-    # Each step's samples, sorted by length, run as this many forward passes: padded to their own
-    # longest sample, they carried 1.45x the real tokens as one batch and about 1.1x as two.
+    # Each step's samples, sorted by length, run as this many forward passes, each padded only to its own
+    # longest sample.
     length_groups: int = 2
     # Data loader workers drawing the next steps' samples (`step_batches`); none by default, as drawing a
-    # step's 32 samples takes about 2% of the step.
+    # step's samples is a small part of the step.
     data_workers: int = 0
     bf16: bool = False
     check_scenes: int = 96
@@ -621,8 +616,8 @@ class DrawnSample(NamedTuple):
 def look_alike_text(scene: Scene, rng: random.Random) -> Scene:
     """The scene with its text misread: another word, or the number with some digits (at least one) replaced.
 
-    The stage-0 encoder reads words 65-88% and each digit 19-50% of the time, so in stage 2 the LLM meets
-    text cells it can only half read. Averaged with the true cell tokens, a look-alike gives such a cell, and the
+    The stage-0 encoder does not read every text, so in stage 2 the LLM meets text cells it can only half
+    read. Averaged with the true cell tokens, a look-alike gives such a cell, and the
     multiple-choice questions asked about it teach the LLM to name the option that agrees with what is
     legible instead of its own misreading (which names no option and scores like a wrong guess).
     """
