@@ -74,6 +74,10 @@ class DeformableCrossAttention(nn.Module):
             self._constants_by_shape[key] = build_sampling_constants(query_grid, feat_grid, device)
         return self._constants_by_shape[key]
 
+    def clear_sampling_cache(self) -> None:
+        """Forget the sampling constants built so far; the next call of each shape builds them afresh."""
+        self._constants_by_shape.clear()
+
     def initial_offset_bias(self) -> torch.Tensor:
         """Head h starts looking along direction 2*pi*h/heads, point p at distance p+1 (in cells)."""
         angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)

@@ -111,7 +111,7 @@ def test_cached_forward_equals_uncached_forward():
         model.branches[0].clear_position_cache()
         for module in model.modules():
             if isinstance(module, DeformableCrossAttention):
-                module._constants_by_shape.clear()
+                module.clear_sampling_cache()
         model.train()  # training mode bypasses the caches; the tiny configs have no dropout or drop path
         uncached = model(pixel_values).feature_maps
     for expected, actual in zip(uncached, cached):
