@@ -36,7 +36,8 @@ setup(
     ],
     extras_require={
         "train": ["deepspeed>=0.16"],
-        "dev": ["deepspeed>=0.16", "pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
+        # setuptools 70.1+ builds wheels itself: tests/package builds one without build isolation.
+        "dev": ["deepspeed>=0.16", "pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "setuptools>=70.1"],
         "experiments": ["matplotlib>=3.7"],
         "gpu": ["flash-attn>=2.6"],
         # lmms-eval 0.7's evaluator patches filelock._api, which filelock 4 removed. On a CPU-only machine install
