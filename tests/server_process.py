@@ -21,7 +21,10 @@ VLLM_PYTHON = Path(os.environ.get("PIIP_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" /
 VLLM_COMMAND = VLLM_PYTHON.parent / "vllm"  # vLLM's own command line, in the same environment
 # vLLM refuses images over this many pixels with a 400 (VLLM_MAX_IMAGE_PIXELS); the web page's default limit too.
 MAX_IMAGE_PIXELS = 25_000_000
-VLLM_ENVIRONMENT = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS), "VLLM_NO_USAGE_STATS": "1"}
+# vLLM's internal sockets on this machine, that image limit, no usage report.
+VLLM_ENVIRONMENT = {
+    "VLLM_HOST_IP": "127.0.0.1", "VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS), "VLLM_NO_USAGE_STATS": "1"
+}
 # The engine's settings for the bundled model on a CPU (eager: no torch.compile at start-up; on the CPU build the
 # "GPU" memory share is the host memory reserved for the KV cache, whose default 0.92 a shared machine refuses).
 VLLM_ENGINE_OPTIONS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.05}
