@@ -16,6 +16,13 @@ from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
 
+# The chat templates' variable that lets a prompt for an answer have no image (the templates refuse one by default).
+ALLOW_TEXT_ONLY = "allow_text_only"
+NO_IMAGE_MESSAGE = (
+    "PIIP-LLaVA answers questions about an image and this conversation has none: attach an image to the first user "
+    f"message (or, to ask without one, pass the chat template argument {ALLOW_TEXT_ONLY}=true)."
+)
+
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -145,6 +152,14 @@ def jinja_chat_template(fmt: ConversationFormat) -> str:
 
     Multi-turn formats mark each answer with transformers' `{% generation %}` tag, so
     `apply_chat_template(..., return_assistant_tokens_mask=True)` finds the assistant's tokens.
+
+    Asking for an answer (`add_generation_prompt`) to a conversation with no image (no image part,
+    no placeholder in a text) is refused with `NO_IMAGE_MESSAGE`: every inference path of this
+    package asks about an image, and a chat template's refusal is what inference servers report to
+    the client (vLLM answers it with a 400, docs/serving.md). `allow_text_only=True` (an
+    `apply_chat_template` argument, or vLLM's `chat_template_kwargs`) asks anyway. Whole
+    conversations, as training renders them, are never refused: LLaVA-1.5's instruction data mixes
+    text-only conversations in.
     """
     part_text = (
         "{%- macro text(content) -%}"
@@ -154,7 +169,7 @@ def jinja_chat_template(fmt: ConversationFormat) -> str:
         "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
         "{%- endif -%}"
         "{%- endmacro -%}"
-    )
+    ) + jinja_image_check()
     if fmt.name == "plain":
         return part_text + (
             "{%- for message in messages if message['role'] != 'system' -%}"
@@ -177,4 +192,26 @@ def jinja_chat_template(fmt: ConversationFormat) -> str:
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}" + fmt.assistant_role + ":{%- endif -%}"
+    )
+
+
+def jinja_image_check() -> str:
+    """Jinja that raises `NO_IMAGE_MESSAGE` when asked for an answer with no image in any message.
+
+    `allow_text_only` set to true lets such a prompt through.
+    """
+    return (
+        "{%- set image_count = namespace(value=0) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}"
+        "{%- set image_count.value = image_count.value + message['content'].count('" + IMAGE_PLACEHOLDER + "') -%}"
+        "{%- else -%}"
+        "{%- for part in message['content'] if part['type'] == 'image' -%}"
+        "{%- set image_count.value = image_count.value + 1 -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and image_count.value == 0 and not " + ALLOW_TEXT_ONLY + " | default(false) -%}"
+        "{{ raise_exception('" + NO_IMAGE_MESSAGE + "') }}"
+        "{%- endif -%}"
     )

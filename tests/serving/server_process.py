@@ -18,8 +18,16 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("PIIP_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
+VLLM_COMMAND = VLLM_PYTHON.parent / "vllm"  # vLLM's own command line, in the same environment
 # vLLM refuses images over this many pixels with a 400 (VLLM_MAX_IMAGE_PIXELS); the web page's default limit too.
 MAX_IMAGE_PIXELS = 25_000_000
+# vLLM's internal sockets on this machine, that image limit, no usage report.
+VLLM_ENVIRONMENT = {
+    "VLLM_HOST_IP": "127.0.0.1", "VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS), "VLLM_NO_USAGE_STATS": "1"
+}
+# The engine's settings for the bundled model on a CPU (eager: no torch.compile at start-up; on the CPU build the
+# "GPU" memory share is the host memory reserved for the KV cache, whose default 0.92 a shared machine refuses).
+VLLM_ENGINE_OPTIONS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.05}
 
 
 def free_port() -> int:
@@ -79,18 +87,23 @@ def running_server(command: list[str], ready_url: str, log_path: Path, timeout_s
         stop(process)
 
 
+def command_line_options(options: dict) -> list[str]:
+    """`{"enforce_eager": True, "dtype": "float32"}` as vLLM's flags: `--enforce-eager --dtype float32`."""
+    flags = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        flags.extend([flag] if value is True else [flag, str(value)])
+    return flags
+
+
 @contextmanager
 def running_vllm_server(model_dir: Path, log_path: Path):
-    """vLLM's OpenAI-compatible server from the vLLM environment on `model_dir` (CPU, eager); yields its URL."""
+    """`vllm serve DIR` from the vLLM environment, as a user starts it (CPU, eager); yields its URL."""
     port = free_port()
     command = [
-        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
-        # On the CPU build this is the share of host memory reserved for the KV cache.
-        "--gpu-memory-utilization", "0.05",
+        str(VLLM_COMMAND), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+        *command_line_options(VLLM_ENGINE_OPTIONS),
     ]
-    env = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS), "VLLM_NO_USAGE_STATS": "1"}
     url = f"http://127.0.0.1:{port}"
-    with running_server(command, f"{url}/health", log_path, timeout_s=900, env=env):
+    with running_server(command, f"{url}/health", log_path, timeout_s=900, env=VLLM_ENVIRONMENT):
         yield url

@@ -39,7 +39,7 @@ def missing_pieces() -> list[str]:
 
 if missing_pieces() and os.environ.get("PIIP_REQUIRE_SERVING") != "1":
     pytest.skip(
-        f"the web test needs {', '.join(missing_pieces())}: run it with `make test-web`", allow_module_level=True
+        f"the web test needs {', '.join(missing_pieces())}: run it with `make test-serving`", allow_module_level=True
     )
 
 
@@ -222,6 +222,8 @@ def test_the_page_answers_through_the_vllm_server_with_api(browser, tmp_path, ch
         page.goto(page_url)
         page.wait_for_selector("#message textarea")
         assert f"served at {api_url}" in page.inner_text("#model-header")
+        send(page, questions[0])  # no image: the page says so, whatever answers it
+        page.wait_for_function("() => document.querySelector('#status').innerText.includes('Attach an image')")
         send(page, questions[0], image)
         assert wait_for_answer(page, 1) == expected[0]
         send(page, questions[1])

@@ -56,6 +56,25 @@ def test_tokenizer_own_template_is_used_without_a_conversation_format(tokenizer)
     assert rendered == "<user>hi"
 
 
+@pytest.mark.parametrize("model_dir", ["tiny", "bundled"])
+def test_asking_for_an_answer_without_an_image_is_refused_unless_text_only_is_allowed(model_dir, tiny_model_dir):
+    from piip_llava.commands.chat import BUNDLED_MODEL_DIR
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir if model_dir == "tiny" else BUNDLED_MODEL_DIR)
+    question = [{"role": "user", "content": [{"type": "text", "text": "What is two plus two?"}]}]
+    with pytest.raises(jinja2.TemplateError, match="answers questions about an image.*allow_text_only=true"):
+        processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    allowed = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False, allow_text_only=True)
+    assert allowed == VICUNA_V1.render(question, add_generation_prompt=True)
+    # A whole conversation (as training renders one) and a placeholder written in the text are not refused.
+    whole = [*question, {"role": "assistant", "content": "Four."}]
+    assert processor.apply_chat_template(whole, tokenize=False) == VICUNA_V1.render(whole)
+    typed = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    assert processor.apply_chat_template(typed, add_generation_prompt=True, tokenize=False).endswith(
+        "USER: <image>\nWhat is it? ASSISTANT:"
+    )
+
+
 def test_each_image_placeholder_expands_to_the_configured_token_count(tiny_model_dir, rgb_image):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     model_config = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).config
