@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..chat_session import resolve_model_dir
 from ..dtypes import DTYPES
-from .chat import resolve_model_dir
 
 
 def add_parser(subparsers) -> None:
@@ -47,8 +47,8 @@ def run_serve(args) -> int:
         except ChatBackendError as error:
             raise SystemExit(f"error: {error}") from None
     else:
+        from ..chat_session import ChatError
         from ..model_loading import ModelLoadingError
-        from .chat import ChatError
 
         try:
             backend = InProcessBackend(

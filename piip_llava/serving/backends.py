@@ -105,7 +105,7 @@ class InProcessBackend:
         )
 
     def stream(self, conversation: Conversation, question: str, stop: Event) -> Iterator[str]:
-        from ..commands.chat import ChatSession
+        from ..chat_session import ChatSession
 
         session = ChatSession(
             self.model,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from piip_llava.chat_session import BUNDLED_MODEL_DIR
 from piip_llava.cli import main
-from piip_llava.commands.chat import BUNDLED_MODEL_DIR
 from piip_llava.evaluation.answer_normalization import normalize_answer
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "piip_llava" / "assets" / "examples"

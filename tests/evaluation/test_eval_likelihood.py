@@ -143,7 +143,7 @@ def test_an_answers_file_is_never_resumed_with_the_other_method(tiny_model_dir, 
 def test_the_bundled_model_prefers_the_written_word_among_look_alikes():
     from test_demo_model import EXAMPLES_DIR
 
-    from piip_llava.commands.chat import BUNDLED_MODEL_DIR
+    from piip_llava.chat_session import BUNDLED_MODEL_DIR
 
     model, processor = load_model_and_processor(str(BUNDLED_MODEL_DIR), device="cpu")
     question = "What is written in the image?\nA. SALE\nB. SUN\nC. SHIP\nD. STOP"

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from piip_llava.chat_session import ChatSession
 from piip_llava.cli import main
-from piip_llava.commands.chat import ChatSession
 from piip_llava.serving.backends import ChatInputError, Conversation, InProcessBackend, load_chat_image
 
 

@@ -33,7 +33,7 @@ from server_process import (
     running_vllm_server,
 )
 
-from piip_llava.commands.chat import BUNDLED_MODEL_DIR
+from piip_llava.chat_session import BUNDLED_MODEL_DIR
 from piip_llava.conversation import ALLOW_TEXT_ONLY
 
 EXAMPLES_DIR = REPO_ROOT / "piip_llava" / "assets" / "examples"

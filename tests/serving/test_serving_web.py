@@ -85,7 +85,7 @@ def chat_answers():
     """What the same model answers in this process, turn by turn (the chat command's own session)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from piip_llava.commands.chat import BUNDLED_MODEL_DIR, ChatSession
+    from piip_llava.chat_session import BUNDLED_MODEL_DIR, ChatSession
     from piip_llava.images import read_image
 
     processor = AutoProcessor.from_pretrained(BUNDLED_MODEL_DIR)
@@ -205,7 +205,7 @@ def test_bad_input_gets_a_clear_message_and_loses_nothing(page, tmp_path, chat_a
 
 def test_the_page_answers_through_the_vllm_server_with_api(browser, tmp_path, chat_answers):
     """`--api URL`: the page streams vLLM's answers, which equal the in-process model's."""
-    from piip_llava.commands.chat import BUNDLED_MODEL_DIR
+    from piip_llava.chat_session import BUNDLED_MODEL_DIR
 
     if not VLLM_PYTHON.exists():
         if os.environ.get("PIIP_REQUIRE_SERVING") == "1":

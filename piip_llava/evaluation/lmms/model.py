@@ -19,7 +19,6 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
@@ -27,12 +26,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ...chat_session import BUNDLED_MODEL_DIR
 from ..generation import complete_prompts, load_model_and_processor
 from ..likelihood import score_replies
 
 logger = logging.get_logger(__name__)
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
 # What a task that says nothing about it gets: LLaVA's evaluation scripts generate up to 128 tokens.
 DEFAULT_MAX_NEW_TOKENS = 128
 # Generation settings that keep decoding greedy; anything else is refused rather than silently ignored.

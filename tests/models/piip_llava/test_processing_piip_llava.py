@@ -12,7 +12,7 @@ from conftest import build_tiny_llava
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from piip_llava import PIIPLlavaForConditionalGeneration, PIIPLlavaProcessor
-from piip_llava.commands.chat import ChatSession
+from piip_llava.chat_session import ChatSession
 from piip_llava.conversation import PLAIN, VICUNA_V1, jinja_chat_template
 
 IMAGE_MESSAGES = [
@@ -58,7 +58,7 @@ def test_tokenizer_own_template_is_used_without_a_conversation_format(tokenizer)
 
 @pytest.mark.parametrize("model_dir", ["tiny", "bundled"])
 def test_asking_for_an_answer_without_an_image_is_refused_unless_text_only_is_allowed(model_dir, tiny_model_dir):
-    from piip_llava.commands.chat import BUNDLED_MODEL_DIR
+    from piip_llava.chat_session import BUNDLED_MODEL_DIR
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir if model_dir == "tiny" else BUNDLED_MODEL_DIR)
     question = [{"role": "user", "content": [{"type": "text", "text": "What is two plus two?"}]}]
