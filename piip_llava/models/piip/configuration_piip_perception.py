@@ -1,8 +1,9 @@
 """Configuration of PIIP for visual perception: ImageNet classifiers and detection / segmentation backbones.
 
 The perception models of the PIIP paper are 2-, 3- or 4-branch pyramids of plain ViTs (DeiT /
-DeiT III, or AugReg, DINOv2, MAE and InternViT checkpoints through the InternViT-style block)
-joined by the same interaction units as the LLaVA encoder. What differs from the LLaVA encoder is
+DeiT III, or AugReg, DINOv2, MAE and InternViT checkpoints through the InternViT-style block) and,
+in the ConvNeXt detection configs, ConvNeXt branches, joined by the same interaction units as the
+LLaVA encoder. What differs from the LLaVA encoder is
 how each branch embeds its image (position tables resized per forward or added as stored, class
 tokens without a class position), windowed attention, and the heads: classification heads or the
 merged multi-scale maps a detector's neck takes. Facts and official line numbers are in
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from transformers import PreTrainedConfig
+from transformers import ConvNextConfig, PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
-BRANCH_TYPES = ("deit", "internvit")
+from .configuration_piip import PIIPBranchConfig
+
+BRANCH_TYPES = ("deit", "internvit", "convnext")
 NORM_TYPES = ("layer_norm", "rms_norm")
 HIDDEN_ACTS = ("gelu", "gelu_pytorch_tanh")
 CLASSIFICATION_HEADS = ("separate", "shared")
@@ -26,12 +29,17 @@ STAGE_NAMES = ["fpn1", "fpn2", "fpn3", "fpn4"]  # 4x up, 2x up, 1x, 1/2 of the l
 
 @dataclass
 class PerceptionBranchConfig:
-    """One ViT branch of a perception pyramid.
+    """One branch of a perception pyramid: a ViT, or a ConvNeXt.
 
     Attributes:
         branch_type: `"deit"` (DeiT / DeiT III block: LayerNorm, layer scale, exact GELU; transformers'
-            `Dinov2Layer`) or `"internvit"` (InternViT-style block: LayerNorm or RMSNorm, optional
-            qk-norm across all heads, layer scale, exact or tanh GELU; transformers' `InternVLVisionLayer`).
+            `Dinov2Layer`), `"internvit"` (InternViT-style block: LayerNorm or RMSNorm, optional
+            qk-norm across all heads, layer scale, exact or tanh GELU; transformers' `InternVLVisionLayer`)
+            or `"convnext"` (transformers' ConvNext, built by the LLaVA encoder's ConvNeXt branch adapter:
+            its blocks are each stage's downsampling layer and ConvNeXt layers).
+        convnext_config: for a `"convnext"` branch, its `ConvNextConfig` as a dict (`depths`,
+            `hidden_sizes`, ...); `hidden_size` (the last stage's width) and `num_hidden_layers` (its
+            block count) follow from it, and the ViT-only attributes below do not apply.
         image_size: the side of this branch's image when the model gets its configured input
             (official `img_size` / `real_size`).
         hidden_size / num_hidden_layers / num_attention_heads / mlp_ratio / qkv_bias: the ViT's shape.
@@ -51,11 +59,12 @@ class PerceptionBranchConfig:
     """
 
     image_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
     interaction_groups: list[list[int]]
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
     branch_type: str = "deit"
+    convnext_config: dict | None = None
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     layer_scale_init: float = 1.0
@@ -71,16 +80,50 @@ class PerceptionBranchConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self):
-        if not self.window_sizes:
+        if self.branch_type == "convnext" and self.convnext_config is not None:
+            adapter_config = self.adapter_branch_config()
+            self.hidden_size = adapter_config.final_geometry()[0]
+            self.num_hidden_layers = adapter_config.num_blocks()
+        if not self.window_sizes and self.num_hidden_layers is not None:
             self.window_sizes = [None] * self.num_hidden_layers
         self.interaction_groups = [list(group) for group in self.interaction_groups]
+
+    @property
+    def is_convolutional(self) -> bool:
+        return self.branch_type == "convnext"
+
+    def adapter_branch_config(self) -> PIIPBranchConfig:
+        """A ConvNeXt branch as the LLaVA encoder's branch adapters take it (one way to build a ConvNeXt branch)."""
+        return PIIPBranchConfig(
+            backbone_config={"model_type": "convnext", **self.convnext_config},
+            image_size=self.image_size,
+            interaction_groups=self.interaction_groups,
+        )
+
+    def width_after_block(self, block_index: int) -> int:
+        """The token width after `block_index` has run (ConvNeXt widths change by stage)."""
+        if self.is_convolutional:
+            return self.adapter_branch_config().geometry_after_block(block_index)[0]
+        return self.hidden_size
+
+    def stride_after_block(self, block_index: int) -> int:
+        """Pixels per token after `block_index` has run (the official `downsample_ratios`)."""
+        if self.is_convolutional:
+            stage = self.adapter_branch_config().conv_block_stages()[block_index]
+            return 4 * 2**stage
+        return self.patch_size
 
     @property
     def intermediate_size(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.is_convolutional:
+            # Everything a ConvNeXt branch is follows from its ConvNextConfig; the ViT attributes do not apply.
+            return {key: data[key] for key in ("branch_type", "image_size", "convnext_config", "interaction_groups")}
+        data.pop("convnext_config")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, index: int) -> PerceptionBranchConfig:
@@ -95,8 +138,29 @@ class PerceptionBranchConfig:
 
     def validate(self, index: int) -> None:
         """Raise a ValueError naming the branch and the problem."""
+        if self.branch_type not in BRANCH_TYPES:
+            raise ValueError(f"Branch {index}: branch_type must be one of {BRANCH_TYPES}, got {self.branch_type!r}.")
+        if self.is_convolutional:
+            self._validate_convnext(index)
+        else:
+            self._validate_vit(index)
+        self._validate_interaction_groups(index)
+
+    def _validate_convnext(self, index: int) -> None:
+        if self.convnext_config is None:
+            raise ValueError(f"Branch {index}: a convnext branch needs its convnext_config (depths, hidden_sizes, ...).")
+        config = ConvNextConfig(**self.convnext_config)
+        if len(config.depths) != 4 or config.patch_size != 4:
+            raise ValueError(
+                f"Branch {index}: a convnext branch has four stages and a stride-4 stem, as the official "
+                f"ConvNextHFWrapper expects; got depths {config.depths} and patch_size {config.patch_size}."
+            )
+
+    def _validate_vit(self, index: int) -> None:
+        missing = [name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"Branch {index}: a {self.branch_type} branch needs {missing}.")
         checks = [
-            (self.branch_type in BRANCH_TYPES, f"branch_type must be one of {BRANCH_TYPES}, got {self.branch_type!r}"),
             (self.norm_type in NORM_TYPES, f"norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}"),
             (self.hidden_act in HIDDEN_ACTS, f"hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}"),
             (
@@ -128,6 +192,8 @@ class PerceptionBranchConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"Branch {index}: {message}.")
+
+    def _validate_interaction_groups(self, index: int) -> None:
         expected_first = 0
         for first, last in self.interaction_groups:
             if first != expected_first or last < first:
@@ -159,6 +225,13 @@ class PIIPPerceptionConfig(BackboneConfigMixin, PreTrainedConfig):
             token, logits averaged) or `"shared"` (weighted merge of all maps, LayerNorm, mean, head).
         build_fpn1 (`bool`): whether the backbone has the 4x-upsampling output (the official DINO
             2- and 4-branch models do not build it).
+        with_simple_fpn (`bool`): the four outputs are scales of the one merged map (True, every ViT
+            config), or, as in the official ConvNeXt detection configs (False), the maps merged after
+            the interactions `out_interaction_indexes` and after the last one: as they are when the
+            last branch is a ConvNeXt (its stages give 1/4 .. 1/32), else the first two up-sampled 4x
+            and 2x and the last max-pooled.
+        out_interaction_indexes (`list[int]`): with `with_simple_fpn=False`, the three interactions
+            (0-based, increasing) after which the branches are merged into the first three outputs.
         interaction_* / deform_* / with_cffn / cffn_ratio: the interaction units, as in `PIIPVisionConfig`.
         interaction_norm (`bool`): LayerNorms in the injectors (official `norm_layer='none'` = False).
         out_features / out_indices: which of `fpn1..fpn4` [`PIIPBackbone`] returns.
@@ -171,6 +244,8 @@ class PIIPPerceptionConfig(BackboneConfigMixin, PreTrainedConfig):
     resize_position_embeddings: bool = False
     classification_head: str = "separate"
     build_fpn1: bool = True
+    with_simple_fpn: bool = True
+    out_interaction_indexes: list[int] | None = None
     interaction_attention: str = "deform"
     deform_num_heads: int = 4
     deform_num_points: int = 4
@@ -242,6 +317,37 @@ class PIIPPerceptionConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"Every branch needs the same number of interaction groups; got {counts}.")
         if "fpn1" in self.out_features and not self.build_fpn1:
             raise ValueError("out_features asks for fpn1 but build_fpn1 is false (the model has no 4x output).")
+        self.validate_merges(branches)
+
+    def validate_merges(self, branches: list[PerceptionBranchConfig]) -> None:
+        if self.with_simple_fpn:
+            if branches[-1].is_convolutional:
+                raise ValueError(
+                    "with_simple_fpn needs a ViT last branch (its merged map is up- and down-sampled); a ConvNeXt last "
+                    "branch gives its scales through with_simple_fpn=False and out_interaction_indexes."
+                )
+            return
+        indexes = self.out_interaction_indexes or []
+        if len(indexes) != 3 or sorted(set(indexes)) != list(indexes) or not 0 <= indexes[0] <= indexes[-1] < self.num_interactions:
+            raise ValueError(
+                f"with_simple_fpn=False needs three increasing out_interaction_indexes among the {self.num_interactions} "
+                f"interactions, got {self.out_interaction_indexes}."
+            )
+        if not self.build_fpn1:
+            raise ValueError("with_simple_fpn=False returns four maps; build_fpn1 must be true.")
+
+    @property
+    def last_branch_is_convolutional(self) -> bool:
+        return self.branch_configs[-1].is_convolutional
+
+    def merge_widths(self) -> list[int]:
+        """Width of each merged map: branch 1's width where it is merged (after each out interaction, then at the end)."""
+        first = self.branch_configs[0]
+        if self.with_simple_fpn:
+            return [first.hidden_size]
+        return [
+            first.width_after_block(first.interaction_groups[index][1]) for index in self.out_interaction_indexes
+        ] + [first.hidden_size]
 
 
 def default_tiny_perception_branches() -> list[dict]:

@@ -6,13 +6,17 @@ InternViT blocks are `InternVLVisionLayer` (LayerNorm or RMSNorm, qk-norm across
 scale, exact or tanh GELU). What is PIIP's own lives here: the branch embedding (a patch
 convolution and a position table added as stored or resized per forward), windowed attention
 with the official padding semantics, the interactions (shared with the LLaVA encoder), the
-classification heads and the merged multi-scale outputs. See `PIIP_PERCEPTION_SPEC.md`.
+classification heads and the merged multi-scale outputs. ConvNeXt branches (the official ConvNeXt
+detection configs) are the LLaVA encoder's own ConvNeXt branch adapter (`branches.ConvNextBranch`,
+transformers' ConvNext layers), and their backbones merge the branches after chosen interactions
+too (`with_simple_fpn=False`). See `PIIP_PERCEPTION_SPEC.md`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +28,13 @@ from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer, InternVLVisionRMSNorm
 
-from .branches import BranchState, interpolate_position_grid, linear_rates
-from .configuration_piip_perception import PerceptionBranchConfig, PIIPPerceptionConfig
+from .branches import BranchState, ConvNextBranch, build_branch, interpolate_position_grid, linear_rates
+from .configuration_piip_perception import STAGE_NAMES, PerceptionBranchConfig, PIIPPerceptionConfig
 from .interactions import DeformableCrossAttention, Injector
 from .modeling_piip import PIIPInteraction, PIIPVisionModelOutput, init_deformable_attention
 
 Grid = tuple[int, int]
+CONVNEXT_TOTAL_STRIDE = 32  # stem 4, then three stages that halve the grid
 NORM_EPS = 1e-6  # every norm inside the official ViT branches and heads
 GROUP_NORM_GROUPS = 32
 
@@ -218,7 +223,7 @@ class PIIPPerceptionPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Dinov2Layer", "InternVLVisionLayer", "BidirectionalInteractionUnit"]
+    _no_split_modules = ["Dinov2Layer", "InternVLVisionLayer", "ConvNextLayer", "BidirectionalInteractionUnit"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -259,16 +264,40 @@ class PIIPPerceptionPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
 
 
+@dataclass
+class PIIPPerceptionModelOutput(PIIPVisionModelOutput):
+    """
+    Args:
+        interaction_feature_maps (`tuple[tuple[torch.FloatTensor, ...], ...]`, *optional*): with
+            `config.with_simple_fpn=False`, every branch's map right after each of the interactions
+            `config.out_interaction_indexes`, one tuple (in branch order) per interaction.
+    """
+
+    interaction_feature_maps: tuple[tuple[torch.FloatTensor, ...], ...] | None = None
+
+
+def build_perception_branch(branch: PerceptionBranchConfig, config: PIIPPerceptionConfig) -> nn.Module:
+    """A ViT branch of the perception pyramid, or the LLaVA encoder's ConvNeXt branch adapter."""
+    if branch.is_convolutional:
+        return build_branch(branch.adapter_branch_config())
+    return PerceptionViTBranch(branch, config)
+
+
 class PIIPPerceptionModel(PIIPPerceptionPreTrainedModel):
     """The pyramid: every branch's final tokens as a map (and class token), after the last interaction."""
 
     def __init__(self, config: PIIPPerceptionConfig):
         super().__init__(config)
-        self.branches = nn.ModuleList([PerceptionViTBranch(branch, config) for branch in config.branch_configs])
+        branches = config.branch_configs
+        self.branches = nn.ModuleList([build_perception_branch(branch, config) for branch in branches])
         rates = linear_rates(config.interaction_drop_path_rate, config.num_interactions)
-        # Perception branches keep one width throughout.
-        widths = [branch.hidden_size for branch in config.branch_configs]
-        self.interactions = nn.ModuleList([PIIPInteraction(config, widths, rate) for rate in rates])
+        self.interactions = nn.ModuleList(
+            [
+                # Each branch's width where the interaction runs (a ConvNeXt's changes by stage).
+                PIIPInteraction(config, [branch.width_after_block(branch.interaction_groups[index][1]) for branch in branches], rate)
+                for index, rate in enumerate(rates)
+            ]
+        )
         self.post_init()
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -297,21 +326,36 @@ class PIIPPerceptionModel(PIIPPerceptionPreTrainedModel):
                 images.append(F.interpolate(pixel_values, scale_factor=ratio, mode="bilinear", align_corners=False))
         return images
 
-    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> PIIPVisionModelOutput:
+    def embed(self, branch: nn.Module, image: torch.Tensor, index: int) -> BranchState:
+        if isinstance(branch, ConvNextBranch):
+            if min(image.shape[-2:]) < CONVNEXT_TOTAL_STRIDE:
+                raise ValueError(
+                    f"Branch {index} (ConvNeXt) gets a {image.shape[-2]}x{image.shape[-1]} image (resized from the input), "
+                    f"smaller than its total stride {CONVNEXT_TOTAL_STRIDE}; use a larger image."
+                )
+            return branch.embed(image)
+        return branch.embed(image, index)
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> PIIPPerceptionModelOutput:
         self.check_pixel_values(pixel_values)
         images = self.resize_for_branches(pixel_values)
-        states = [branch.embed(image, index) for index, (branch, image) in enumerate(zip(self.branches, images), 1)]
+        states = [self.embed(branch, image, index) for index, (branch, image) in enumerate(zip(self.branches, images), 1)]
         groups = [branch.interaction_groups for branch in self.config.branch_configs]
+        merge_after = set() if self.config.with_simple_fpn else set(self.config.out_interaction_indexes)
+        interaction_feature_maps = []
         for interaction_index, interaction in enumerate(self.interactions):
             states = [
                 branch.run_blocks(state, *branch_groups[interaction_index])
                 for branch, state, branch_groups in zip(self.branches, states, groups)
             ]
             states = interaction(states)
-        output = PIIPVisionModelOutput(
+            if interaction_index in merge_after:
+                interaction_feature_maps.append(tuple(state.feature_map() for state in states))
+        output = PIIPPerceptionModelOutput(
             last_hidden_state=states[-1].tokens,  # (batch, H*W, C) of the last branch, as PIIPVisionModel
             feature_maps=tuple(state.feature_map() for state in states),
             class_tokens=tuple(None if state.class_token is None else state.class_token[:, 0] for state in states),
+            interaction_feature_maps=tuple(interaction_feature_maps) if merge_after else None,
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -358,8 +402,10 @@ class PIIPForImageClassification(PIIPPerceptionPreTrainedModel):
 
     def __init__(self, config: PIIPPerceptionConfig):
         super().__init__(config)
-        self.piip = PIIPPerceptionModel(config)
         branches = config.branch_configs
+        if any(branch.is_convolutional for branch in branches):
+            raise ValueError("The official classifiers have ViT branches only; a convnext branch is for PIIPBackbone.")
+        self.piip = PIIPPerceptionModel(config)
         widths = [branch.hidden_size for branch in branches]
         if config.classification_head == "separate":
             self.branch_norms = nn.ModuleList([branch_norm(branch) for branch in branches])
@@ -411,12 +457,60 @@ class DenseBranchMerge(nn.Sequential):
         )
 
 
-class PIIPBackbone(BackboneMixin, PIIPPerceptionPreTrainedModel):
-    """The official dense-prediction backbone: merged map at the last branch's grid, then four scales.
+class SingleConvBranchMerge(nn.Sequential):
+    """`with_simple_fpn=False` merge of branches 2..N: one (3x3 conv without bias, GroupNorm(32), ReLU)."""
 
-    Stages: `fpn1` (4x up: ConvTranspose, GroupNorm, GELU, ConvTranspose), `fpn2` (2x up), `fpn3`
-    (the merged map), `fpn4` (2x2 max pool, floor), all with branch 1's width; `out_features`
-    chooses which are returned (the DINO models take fpn2..fpn4).
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(GROUP_NORM_GROUPS, out_channels),
+            nn.ReLU(),
+        )
+
+
+class NormOnlyBranchMerge(nn.Sequential):
+    """`with_simple_fpn=False` merge of branch 1, already at the merged width: GroupNorm(32), ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__(nn.GroupNorm(GROUP_NORM_GROUPS, channels), nn.ReLU())
+
+
+class IntermediateMerge(nn.Module):
+    """The branches' maps after one interaction, merged at the last branch's grid (official
+    `intermediate_merging_{k}_*`): branch 1 normed, the others convolved to branch 1's width, weighted sum."""
+
+    def __init__(self, branch_widths: list[int]):
+        super().__init__()
+        width = branch_widths[0]
+        self.branch_merges = nn.ModuleList(
+            [NormOnlyBranchMerge(width)] + [SingleConvBranchMerge(branch_width, width) for branch_width in branch_widths[1:]]
+        )
+        self.merge_weights = BranchMergeWeights(len(branch_widths))
+
+    def forward(self, feature_maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.merge_weights([merge(feature_map) for merge, feature_map in zip(self.branch_merges, feature_maps)])
+
+
+def build_upsample_4x(width: int) -> nn.Sequential:
+    """ConvTranspose, GroupNorm, exact GELU, ConvTranspose: 4x the grid (official `fpn1`)."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+        nn.GroupNorm(GROUP_NORM_GROUPS, width),
+        nn.GELU(),
+        nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+    )
+
+
+class PIIPBackbone(BackboneMixin, PIIPPerceptionPreTrainedModel):
+    """The official dense-prediction backbone: merged maps at the last branch's grid, then four scales.
+
+    With `with_simple_fpn` (every ViT config), one merged map and its scales: `fpn1` (4x up:
+    ConvTranspose, GroupNorm, GELU, ConvTranspose), `fpn2` (2x up), `fpn3` (the merged map), `fpn4`
+    (2x2 max pool, floor), all with branch 1's width. Without (the ConvNeXt configs), four merged maps:
+    after each of the three `out_interaction_indexes` and after the last interaction; when the last
+    branch is a ConvNeXt they are the outputs as they are (its grid shrinks stage by stage), otherwise
+    the first is up-sampled 4x, the second 2x and the last max-pooled. `out_features` chooses which are
+    returned (the DINO models take fpn2..fpn4).
     """
 
     has_attentions = False
@@ -424,39 +518,62 @@ class PIIPBackbone(BackboneMixin, PIIPPerceptionPreTrainedModel):
     def __init__(self, config: PIIPPerceptionConfig):
         super().__init__(config)
         self.piip = PIIPPerceptionModel(config)
-        widths = [branch.hidden_size for branch in config.branch_configs]
-        width = widths[0]
-        self.num_features = [width] * len(config.stage_names)
-        self.branch_merges = nn.ModuleList([DenseBranchMerge(branch_width, width) for branch_width in widths])
-        self.merge_weights = BranchMergeWeights(len(widths))
-        self.upsample_4x = (
-            nn.Sequential(
-                nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
-                nn.GroupNorm(GROUP_NORM_GROUPS, width),
-                nn.GELU(),
-                nn.ConvTranspose2d(width, width, kernel_size=2, stride=2),
+        branches = config.branch_configs
+        widths = [branch.hidden_size for branch in branches]
+        merge_widths = config.merge_widths()
+        width = merge_widths[-1]
+        # Official outputs as they are, without up- or down-sampling: a ConvNeXt last branch's maps.
+        self.keeps_scales = not config.with_simple_fpn and config.last_branch_is_convolutional
+        if config.with_simple_fpn:
+            self.num_features = [width] * len(config.stage_names)
+            self.branch_merges = nn.ModuleList([DenseBranchMerge(branch_width, width) for branch_width in widths])
+            self.intermediate_merges = None
+        else:
+            self.num_features = merge_widths
+            self.branch_merges = nn.ModuleList(
+                [NormOnlyBranchMerge(width)] + [SingleConvBranchMerge(branch_width, width) for branch_width in widths[1:]]
             )
-            if config.build_fpn1
-            else None
-        )
-        self.upsample_2x = nn.ConvTranspose2d(width, width, kernel_size=2, stride=2)
-        self.downsample_2x = nn.MaxPool2d(kernel_size=2, stride=2)
+            self.intermediate_merges = nn.ModuleList(
+                [
+                    IntermediateMerge([branch.width_after_block(branch.interaction_groups[index][1]) for branch in branches])
+                    for index in config.out_interaction_indexes
+                ]
+            )
+        self.merge_weights = BranchMergeWeights(len(widths))
+        scaled = not self.keeps_scales
+        fpn2_width = width if config.with_simple_fpn else merge_widths[1]
+        self.upsample_4x = build_upsample_4x(merge_widths[0]) if scaled and config.build_fpn1 else None
+        self.upsample_2x = nn.ConvTranspose2d(fpn2_width, fpn2_width, kernel_size=2, stride=2) if scaled else None
+        self.downsample_2x = nn.MaxPool2d(kernel_size=2, stride=2) if scaled else None
         self.post_init()
 
+    def merged_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The map(s) the output scales are taken from: one, or four without `with_simple_fpn`."""
+        outputs = self.piip(pixel_values)
+        merged = self.merge_weights([merge(feature_map) for merge, feature_map in zip(self.branch_merges, outputs.feature_maps)])
+        if self.intermediate_merges is None:
+            return [merged]
+        levels = [merge(maps) for merge, maps in zip(self.intermediate_merges, outputs.interaction_feature_maps)]
+        return levels + [merged]
+
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> BackboneOutput:
-        feature_maps = self.piip(pixel_values).feature_maps
-        merged = self.merge_weights([merge(feature_map) for merge, feature_map in zip(self.branch_merges, feature_maps)])
-        if min(merged.shape[-2:]) < 2:
-            raise ValueError(
-                f"A {pixel_values.shape[-2]}x{pixel_values.shape[-1]} image gives a {tuple(merged.shape[-2:])} merged map, "
-                "too small for the 1/2 output; use an image of at least two patches per side."
-            )
-        scales = {
-            "fpn1": (lambda: self.upsample_4x(merged)) if self.upsample_4x is not None else None,
-            "fpn2": lambda: self.upsample_2x(merged),
-            "fpn3": lambda: merged,
-            "fpn4": lambda: self.downsample_2x(merged),
-        }
+        maps = self.merged_maps(pixel_values)
+        if self.keeps_scales:
+            sources = dict(zip(STAGE_NAMES, maps))
+            scales = {name: (lambda source=source: source) for name, source in sources.items()}
+        else:
+            sources = dict(zip(STAGE_NAMES, maps * 4 if len(maps) == 1 else maps))
+            if min(sources["fpn4"].shape[-2:]) < 2:
+                raise ValueError(
+                    f"A {pixel_values.shape[-2]}x{pixel_values.shape[-1]} image gives a {tuple(sources['fpn4'].shape[-2:])} "
+                    "merged map, too small for the 1/2 output; use an image of at least two patches per side."
+                )
+            scales = {
+                "fpn1": (lambda: self.upsample_4x(sources["fpn1"])) if self.upsample_4x is not None else None,
+                "fpn2": lambda: self.upsample_2x(sources["fpn2"]),
+                "fpn3": lambda: sources["fpn3"],
+                "fpn4": lambda: self.downsample_2x(sources["fpn4"]),
+            }
         outputs = tuple(scales[name]().contiguous().float() for name in self.out_features)
         output = BackboneOutput(feature_maps=outputs)
         return output if return_dict is not False else output.to_tuple()
@@ -466,6 +583,7 @@ __all__ = [
     "PIIPBackbone",
     "PIIPForImageClassification",
     "PIIPPerceptionModel",
+    "PIIPPerceptionModelOutput",
     "PIIPPerceptionPreTrainedModel",
     "PerceptionViTBranch",
 ]
