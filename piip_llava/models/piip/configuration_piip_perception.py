@@ -27,7 +27,7 @@ WINDOW_PADDINGS = ("tokens", "qkv")
 STAGE_NAMES = ["fpn1", "fpn2", "fpn3", "fpn4"]  # 4x up, 2x up, 1x, 1/2 of the last branch's grid
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PerceptionBranchConfig:
     """One branch of a perception pyramid: a ViT, or a ConvNeXt.
 
@@ -59,10 +59,10 @@ class PerceptionBranchConfig:
     """
 
     image_size: int
-    interaction_groups: list[list[int]]
-    hidden_size: int | None = None
+    hidden_size: int | None = None  # a ConvNeXt's follows from its convnext_config
     num_hidden_layers: int | None = None
     num_attention_heads: int | None = None
+    interaction_groups: list[list[int]]
     branch_type: str = "deit"
     convnext_config: dict | None = None
     mlp_ratio: float = 4.0
@@ -335,6 +335,12 @@ class PIIPPerceptionConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if not self.build_fpn1:
             raise ValueError("with_simple_fpn=False returns four maps; build_fpn1 must be true.")
+        widths = self.merge_widths()
+        if any(width % 32 for width in widths):
+            raise ValueError(
+                f"The merged maps are branch 1's width where they are merged, {widths}, and are normed with GroupNorm(32): "
+                "each must be a multiple of 32."
+            )
 
     @property
     def last_branch_is_convolutional(self) -> bool:
