@@ -26,7 +26,6 @@ RELEASED_FILES = sorted(RELEASED.rglob("*.py"))
 
 # Released configs this port does not build, and why (the refusal names it).
 UNSUPPORTED = {
-    "mask_rcnn_beit_sbl_1568_1120_672_fpn_1x_coco_bs16": "use_abs_pos_emb",
     "mask_rcnn_uniperceiver_sbl_1568_1120_672_fpn_1x_coco_bs16": "perceiver wrapper",
     "mask_rcnn_convnext-base_1024_regular-fpn": "not a PIIP backbone",
     "mask_rcnn_deit_vit_b_fpn_1x_coco_bs16": "not a PIIP backbone",
@@ -38,8 +37,8 @@ UNSUPPORTED = {
 
 def test_the_released_configs_are_all_here():
     assert len(RELEASED_FILES) == 41
-    assert len(UNSUPPORTED) == 7
-    assert len(list(BUNDLED.glob("*.json"))) == 41 - 7
+    assert len(UNSUPPORTED) == 6
+    assert len(list(BUNDLED.glob("*.json"))) == 41 - 6
 
 
 @pytest.mark.parametrize("path", RELEASED_FILES, ids=lambda path: path.stem)
@@ -101,6 +100,17 @@ def test_released_convnext_detectors_read_as_the_official_code_builds_them():
     assert config.merge_widths() == [128, 256, 512, 1024]
 
 
+def test_released_beit_detector_reads_as_the_official_code_builds_it():
+    config, _ = perception_config_from_file(
+        str(RELEASED / "mmdetection/configs/piip/3branch/mask_rcnn_beit_sbl_1568_1120_672_fpn_1x_coco_bs16.py")
+    )
+    beit_large, beit_base, deit_small = config.branch_configs
+    assert [branch.branch_type for branch in config.branch_configs] == ["beit", "beit", "deit"]
+    assert (beit_large.hidden_size, beit_large.num_hidden_layers, beit_base.hidden_size) == (1024, 24, 768)
+    assert beit_large.position_grid is None and beit_large.layer_scale_init == 1e-6  # use_abs_pos_emb=False, init_values
+    assert beit_large.window_sizes == [28] * 24 and deit_small.window_sizes == [28] * 12
+
+
 def test_convnext_branches_that_do_not_match_their_checkpoint_are_refused(tmp_path):
     path = RELEASED / "mmdetection/configs/piip/convnext/mask_rcnn_convnext-tsb_1024_672_448_regular-fpn.py"
     names = read_official_config(str(path))
@@ -127,9 +137,14 @@ def test_unknown_keys_and_branch_types_are_refused_by_name():
     with pytest.raises(PerceptionConversionError, match=r"branch1: unknown keys \['colour'\]"):
         perception_config_from_official({"model": {"backbone": backbone}})
     del backbone["branch1"]["colour"]
-    backbone["branch2"]["pretrained"] = "beit_base.pth"
-    with pytest.raises(PerceptionConversionError, match="branch2: .*beit wrapper"):
+    backbone["branch2"]["pretrained"] = "uni-perceiver-base.pth"
+    with pytest.raises(PerceptionConversionError, match="branch2: .*perceiver wrapper"):
         perception_config_from_official({"model": {"backbone": backbone}})
+    backbone["branch2"]["pretrained"] = "deit_t.pth"
+    backbone["branch2"]["use_abs_pos_emb"] = True
+    with pytest.raises(PerceptionConversionError, match=r"branch2: \['use_abs_pos_emb'\] are options of the official BEiT wrapper"):
+        perception_config_from_official({"model": {"backbone": backbone}})
+    del backbone["branch2"]["use_abs_pos_emb"]
     backbone["branch2"]["pretrained"] = "deit_t.pth"
     backbone["with_extra_magic"] = True
     with pytest.raises(PerceptionConversionError, match=r"unknown keys \['with_extra_magic'\]"):

@@ -19,6 +19,8 @@ Official -> ours, per branch `branch{i}` -> `piip.branches.{i-1}`:
 | `blocks.J.attn.{q_norm,k_norm}`            | `attention.{q_norm,k_norm}`                                         |
 | `blocks.J.gamma_1/2`, `blocks.J.ls1/2.gamma` | `layer_scale1/2.lambda1` (DeiT), `lambda_1/2` (InternViT); ones when the official block has none |
 | `blocks.J.mlp.fc1/fc2`                     | `layers.J.mlp.fc1/fc2`                                              |
+| BEiT: `attn.q_bias` / `attn.v_bias`        | `attention.q_proj.bias` / `v_proj.bias` (`BeitLayer`; k has none)   |
+| BEiT: `attn.relative_position_bias_table`  | `relative_position_biases.J.relative_position_bias_table`           |
 | `norm`, `head` (separate heads)            | `branch_norms.{i-1}`, `branch_classifiers.{i-1}`                    |
 | `convnext_model.embeddings.*` (ConvNeXt)   | `embeddings.*` (the LLaVA encoder's `ConvNextBranch`)               |
 | `convnext_model.encoder.stages.*`          | `stages.*`; `convnext_model.layernorm` (unused by PIIP) is dropped  |
@@ -71,20 +73,22 @@ TOP_LEVEL_KEYS = {
     "mmdet": INTERACTION_KEYS | {"type", "_delete_", "pretrained", "is_dino", "with_simple_fpn", "out_interaction_indexes", "cal_flops"},
     "mmseg": INTERACTION_KEYS | {"type", "_delete_", "pretrained"},
 }  # fmt: skip
+# Options only the official BEiT wrapper (det/beit.py) takes.
+BEIT_KEYS = {"use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias"}
 # Branch keys this port reads, and keys that change nothing in evaluation (training options,
 # checkpoint paths, kernels); anything else is refused so that no official option is silently lost.
 BRANCH_KEYS = {
     "img_size", "real_size", "patch_size", "pretrain_img_size", "pretrain_patch_size", "depth", "embed_dim",
     "num_heads", "mlp_ratio", "qkv_bias", "init_scale", "init_values", "qk_normalization", "norm_layer_type",
     "mlp_type", "use_cls_token", "window_attn", "window_size", "use_flash_attn", "interaction_indexes",
-    "model_type", "num_classes", "pretrained", "drop_path_rate", "Mlp_block",
+    "model_type", "num_classes", "pretrained", "drop_path_rate", "Mlp_block", *BEIT_KEYS,
 }  # fmt: skip
 INERT_BRANCH_KEYS = {
     "drop_rate", "attn_drop_rate", "with_cp", "with_fpn", "layerscale_force_fp32", "output_dtype", "out_indices",
     "use_simple_fpn", "cal_flops", "branch1_w_cls_token", "branch2_w_cls_token", "branch3_w_cls_token",
     "branch4_w_cls_token",
 }  # fmt: skip
-UNSUPPORTED_WRAPPERS = ("beit", "perceiver")
+UNSUPPORTED_WRAPPERS = ("perceiver",)
 CONVNEXT_BRANCH_KEYS = {"real_size", "interaction_indexes", "downsample_ratios", "pretrained", "drop_path_rate"}
 INERT_CONVNEXT_KEYS = {"single_branch", "with_simple_fpn", "cal_flops"}
 # The published shapes of the ConvNeXt checkpoints the released configs name (facebook/convnext-*-224 config.json).
@@ -172,10 +176,17 @@ def _branch_type(branch: dict, codebase: str, index: int) -> str:
         if wrapper in pretrained and "deit" not in pretrained:
             raise PerceptionConversionError(
                 f"branch{index}: pretrained={pretrained!r} selects the official {wrapper} wrapper, which this port does not "
-                "support (supported: DeiT / DeiT III, ConvNeXt, and AugReg, DINOv2, MAE, InternViT through InternViT6B)."
+                "support (supported: DeiT / DeiT III, BEiT, ConvNeXt, and AugReg, DINOv2, MAE, InternViT through InternViT6B)."
             )
     if "deit" in pretrained:
         return "deit"
+    if "beit" in pretrained:
+        if codebase != "mmdet":
+            raise PerceptionConversionError(
+                f"branch{index}: pretrained={pretrained!r} names a BEiT; this port follows the official mmdetection BEiT "
+                "wrapper only (no released segmentation config has one)."
+            )
+        return "beit"
     if "convnext" in pretrained:
         if codebase != "mmdet":
             raise PerceptionConversionError(
@@ -262,8 +273,15 @@ def _branch_config(branch: dict, codebase: str, index: int, base_dir: str | None
     if codebase == "classification" or (codebase == "mmseg" and branch_type == "internvit"):
         grid_size = branch.get("img_size", 224)
     else:
-        grid_size = branch.get("pretrain_img_size", 224)
-    if branch_type == "deit":
+        grid_size = branch.get("pretrain_img_size", 512 if branch_type == "beit" else 224)
+    misplaced = sorted(BEIT_KEYS & set(branch)) if branch_type != "beit" else []
+    if misplaced:
+        raise PerceptionConversionError(f"branch{index}: {misplaced} are options of the official BEiT wrapper, not of a {branch_type} branch.")
+    if branch_type == "beit":
+        options = _beit_options(branch, index)
+        if not branch.get("use_abs_pos_emb", False):
+            grid_size = None  # det/beit.py: no absolute positions (pos_embed None), only relative ones
+    elif branch_type == "deit":
         options = {
             "layer_scale_init": float(branch.get("init_scale", 1e-4)),
             "window_padding": "tokens" if branch.get("use_flash_attn") else "qkv",
@@ -290,7 +308,7 @@ def _branch_config(branch: dict, codebase: str, index: int, base_dir: str | None
         "mlp_ratio": float(branch.get("mlp_ratio", 4.0)),
         "qkv_bias": bool(branch.get("qkv_bias", False)),
         "patch_size": patch_size,
-        "position_grid": grid_size // patch_size,
+        "position_grid": None if grid_size is None else grid_size // patch_size,
         "position_class_slot": branch_type == "internvit",
         "use_cls_token": codebase == "classification" and bool(branch.get("use_cls_token", default_cls)),
         "window_sizes": [size if flag else None for flag, size in zip(window_flags, window_sizes)],
@@ -298,6 +316,19 @@ def _branch_config(branch: dict, codebase: str, index: int, base_dir: str | None
         "drop_path_rate": float(branch.get("drop_path_rate", 0.0)),
         **options,
     }
+
+
+def _beit_options(branch: dict, index: int) -> dict:
+    """The official BEiT block (det/beit.py): q / v biases, layer scale `init_values`, per-layer window biases."""
+    if branch.get("use_shared_rel_pos_bias", False):
+        raise PerceptionConversionError(
+            f"branch{index}: use_shared_rel_pos_bias=True: the official PIIP forward never passes the shared bias to the "
+            "blocks; no released config sets it, and this port refuses it rather than guess."
+        )
+    if not branch.get("qkv_bias", False):
+        raise PerceptionConversionError(f"branch{index}: a BEiT branch without q / v biases (qkv_bias=False) is not supported.")
+    init_values = branch.get("init_values")
+    return {"layer_scale_init": 1.0 if init_values is None else float(init_values)}
 
 
 def perception_config_from_official(
@@ -398,6 +429,9 @@ INTERACTION_RENAMES = {
     "cffn_gamma": "ffn_gate",
 }
 LAYER_PARTS = {
+    "beit": {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
+             "attn.q_bias": "attention.q_proj.bias", "attn.v_bias": "attention.v_proj.bias",
+             "gamma_1": "lambda_1", "gamma_2": "lambda_2"},
     "deit": {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "gamma_1": "layer_scale1.lambda1",
              "gamma_2": "layer_scale2.lambda1"},
     "internvit": {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "projection_layer_of_attention",
@@ -482,6 +516,9 @@ def _map_one(name, tensor, branch_types, config, classification, merge_weights, 
         if qkv:
             for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
                 ours[f"{layer}attention.{projection}.{qkv.group(1)}"] = chunk.clone()
+            return True
+        if part == "attn.relative_position_bias_table" and branch_types[index] == "beit":
+            ours[f"{prefix}relative_position_biases.{block.group(1)}.relative_position_bias_table"] = tensor
             return True
         mapped = _map_layer_part(part, branch_types[index])
         if mapped is None:
@@ -649,7 +686,9 @@ def convert_perception_checkpoint(
     expected_drops = {f"branch{index}.{part}" for index in range(1, 5) for part in ("norm.weight", "norm.bias", "head.weight", "head.bias", "cls_token")}
     unknown = [
         name for name in unknown
-        if name not in expected_drops and not name.startswith("fpn1.") and not re.fullmatch(r"branch\d\.convnext_model\.layernorm\..+", name)
+        if name not in expected_drops and not name.startswith("fpn1.")
+        and not re.fullmatch(r"branch\d\.convnext_model\.layernorm\..+", name)  # unused by PIIP
+        and not re.fullmatch(r"branch\d\.blocks\.\d+\.attn\.relative_position_index", name)  # a buffer we rebuild
     ]  # fmt: skip
     if unknown:
         raise PerceptionConversionError(f"the checkpoint has tensor(s) no rule maps: {unknown[:5]}.")

@@ -19,7 +19,7 @@ from transformers.backbone_utils import BackboneConfigMixin
 
 from .configuration_piip import PIIPBranchConfig
 
-BRANCH_TYPES = ("deit", "internvit", "convnext")
+BRANCH_TYPES = ("deit", "internvit", "beit", "convnext")
 NORM_TYPES = ("layer_norm", "rms_norm")
 HIDDEN_ACTS = ("gelu", "gelu_pytorch_tanh")
 CLASSIFICATION_HEADS = ("separate", "shared")
@@ -34,8 +34,10 @@ class PerceptionBranchConfig:
     Attributes:
         branch_type: `"deit"` (DeiT / DeiT III block: LayerNorm, layer scale, exact GELU; transformers'
             `Dinov2Layer`), `"internvit"` (InternViT-style block: LayerNorm or RMSNorm, optional
-            qk-norm across all heads, layer scale, exact or tanh GELU; transformers' `InternVLVisionLayer`)
-            or `"convnext"` (transformers' ConvNext, built by the LLaVA encoder's ConvNeXt branch adapter:
+            qk-norm across all heads, layer scale, exact or tanh GELU; transformers' `InternVLVisionLayer`),
+            `"beit"` (BEiT / BEiT v2 block: q and v biases, no k bias, layer scale, a relative position
+            bias per layer over its window; transformers' `BeitLayer`, every layer windowed, no
+            absolute positions) or `"convnext"` (transformers' ConvNext, built by the LLaVA encoder's ConvNeXt branch adapter:
             its blocks are each stage's downsampling layer and ConvNeXt layers).
         convnext_config: for a `"convnext"` branch, its `ConvNextConfig` as a dict (`depths`,
             `hidden_sizes`, ...); `hidden_size` (the last stage's width) and `num_hidden_layers` (its
@@ -47,7 +49,8 @@ class PerceptionBranchConfig:
             has none: the converter then stores ones, which computes the same function).
         norm_type / qk_norm / hidden_act: InternViT options (`deit` uses layer_norm, no qk-norm, gelu).
         patch_size: patch (and stride) of the patch embedding.
-        position_grid: side of the stored position table's grid (class slot excluded).
+        position_grid: side of the stored position table's grid (class slot excluded); None for a
+            branch without absolute positions (BEiT).
         position_class_slot: whether the stored table has a leading class position (never added).
         use_cls_token: keep a class token beside the patch tokens (it only acts through self-attention).
         window_sizes: per layer, the attention window side, or None for global attention.
@@ -72,7 +75,7 @@ class PerceptionBranchConfig:
     qk_norm: bool = False
     hidden_act: str = "gelu"
     patch_size: int = 16
-    position_grid: int = 14
+    position_grid: int | None = 14
     position_class_slot: bool = False
     use_cls_token: bool = False
     window_sizes: list[int | None] = field(default_factory=list)
@@ -172,7 +175,7 @@ class PerceptionBranchConfig:
                 f"window_sizes has {len(self.window_sizes)} entries for {self.num_hidden_layers} layers",
             ),
             (
-                self.branch_type == "internvit" or (self.norm_type == "layer_norm" and not self.qk_norm),
+                self.branch_type != "deit" or (self.norm_type == "layer_norm" and not self.qk_norm),
                 "a deit branch has LayerNorm and no qk-norm",
             ),
             (
@@ -180,10 +183,22 @@ class PerceptionBranchConfig:
                 "qk-norm is supported with RMSNorm blocks only (as in every released InternViT config)",
             ),
             (
-                self.branch_type == "internvit" or float(self.mlp_ratio).is_integer(),
+                self.branch_type != "deit" or float(self.mlp_ratio).is_integer(),
                 f"a deit branch needs an integral mlp_ratio, got {self.mlp_ratio}",
             ),
             (self.window_padding in WINDOW_PADDINGS, f"window_padding must be one of {WINDOW_PADDINGS}"),
+            (
+                self.branch_type != "beit" or all(size is not None for size in self.window_sizes),
+                "a beit branch has windowed attention in every layer (its relative position bias spans one window)",
+            ),
+            (
+                self.branch_type != "beit" or (self.norm_type == "layer_norm" and not self.qk_norm and self.qkv_bias),
+                "a beit branch has LayerNorm, no qk-norm, and q / v biases",
+            ),
+            (
+                self.position_grid is not None or self.branch_type == "beit",
+                f"a {self.branch_type} branch needs its position_grid",
+            ),
             (
                 not self.use_cls_token or all(size is None for size in self.window_sizes),
                 "windowed attention with a class token is not supported (the official dense models have none)",

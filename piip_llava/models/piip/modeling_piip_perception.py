@@ -1,9 +1,10 @@
 """PIIP for visual perception: the N-branch ViT pyramid, its classification heads and its dense backbone.
 
 The branches are plain ViTs whose layers are transformers' own: DeiT / DeiT III blocks are
-`Dinov2Layer` (LayerNorm, attention, layer scale, exact-GELU MLP) and AugReg / DINOv2 / MAE /
+`Dinov2Layer` (LayerNorm, attention, layer scale, exact-GELU MLP), AugReg / DINOv2 / MAE /
 InternViT blocks are `InternVLVisionLayer` (LayerNorm or RMSNorm, qk-norm across all heads, layer
-scale, exact or tanh GELU). What is PIIP's own lives here: the branch embedding (a patch
+scale, exact or tanh GELU) and BEiT blocks are `BeitLayer` (q / v biases, layer scale; the
+relative position bias of each layer's window is the branch's `WindowRelativePositionBias`). What is PIIP's own lives here: the branch embedding (a patch
 convolution and a position table added as stored or resized per forward), windowed attention
 with the official padding semantics, the interactions (shared with the LLaVA encoder), the
 classification heads and the merged multi-scale outputs. ConvNeXt branches (the official ConvNeXt
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Dinov2Config, InternVLVisionConfig, PreTrainedModel
+from transformers import BeitConfig, Dinov2Config, InternVLVisionConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
+from transformers.models.beit.modeling_beit import BeitLayer
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer, InternVLVisionRMSNorm
 
@@ -58,6 +60,18 @@ def layer_configs(branch: PerceptionBranchConfig, attn_implementation: str | Non
             layer_norm_eps=NORM_EPS,
             layerscale_value=branch.layer_scale_init,
             hidden_act=branch.hidden_act,
+        )
+    elif branch.branch_type == "beit":
+        base = BeitConfig(
+            hidden_size=branch.hidden_size,
+            num_hidden_layers=branch.num_hidden_layers,
+            num_attention_heads=branch.num_attention_heads,
+            intermediate_size=branch.intermediate_size,
+            hidden_act=branch.hidden_act,
+            layer_norm_eps=NORM_EPS,
+            layer_scale_init_value=branch.layer_scale_init,
+            use_relative_position_bias=False,  # the window's bias is the branch's (`WindowRelativePositionBias`)
+            use_absolute_position_embeddings=False,
         )
     else:
         base = InternVLVisionConfig(
@@ -105,7 +119,12 @@ def pad_to_windows(feature_map: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def windowed_attention(
-    attention: nn.Module, normed: torch.Tensor, grid: Grid, window: int, padding: str
+    attention: nn.Module,
+    normed: torch.Tensor,
+    grid: Grid,
+    window: int,
+    padding: str,
+    attention_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Self-attention inside non-overlapping `window` x `window` windows of the token grid.
 
@@ -113,13 +132,19 @@ def windowed_attention(
     values equal the projection biases and take part in the softmax (official flash path and
     InternViT); `"qkv"` zero-pads q, k and v after them (official DeiT non-flash path). The output
     projection acts per token, so it runs on the padded windows and the padding is cropped after.
+    `attention_bias` (heads, window^2, window^2), BEiT's relative position bias, is added to every
+    window's attention logits (padding tokens included, as the official BEiT does).
     """
     batch, _, channels = normed.shape
     height, width = grid
     if padding == "tokens":
         padded = pad_to_windows(normed.view(batch, height, width, channels), window)
         padded_height, padded_width = padded.shape[1:3]
-        attended, _ = attention(window_partition(padded, window))  # (B * windows, window^2, C)
+        windows = window_partition(padded, window)
+        if attention_bias is None:
+            attended, _ = attention(windows)  # (B * windows, window^2, C)
+        else:
+            attended, _ = attention(windows, attention_mask=attention_bias[None].to(windows.dtype))
     else:
         attended = _attention_on_padded_qkv(attention, normed, grid, window)
         padded_height, padded_width = attended.shape[1:3]
@@ -147,6 +172,33 @@ def _attention_on_padded_qkv(attention: nn.Module, normed: torch.Tensor, grid: G
 
 
 # ----- branches ------------------------------------------------------------------------------------
+class WindowRelativePositionBias(nn.Module):
+    """A BEiT layer's learned bias for each (query, key) offset inside its window (official `Attention.
+    relative_position_bias_table`, without BEiT's class-token slots, indexed as BEiT indexes it)."""
+
+    def __init__(self, window: int, num_heads: int):
+        super().__init__()
+        self.window = window
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", self.offset_index(), persistent=False)
+
+    def offset_index(self) -> torch.Tensor:
+        """(window^2, window^2): the table row of each (query, key) pair of one window, row-major offsets
+        (dy + window - 1) * (2 * window - 1) + (dx + window - 1). Built on the CPU: the model may be built on meta."""
+        steps = torch.arange(self.window, device="cpu")
+        coords = torch.stack(torch.meshgrid(steps, steps, indexing="ij")).flatten(1)  # (2, window^2)
+        offsets = (coords[:, :, None] - coords[:, None, :]) + (self.window - 1)  # (2, window^2, window^2)
+        return offsets[0] * (2 * self.window - 1) + offsets[1]
+
+    def forward(self) -> torch.Tensor:
+        """(heads, window^2, window^2)"""
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(self.window**2, self.window**2, -1).permute(2, 0, 1)
+
+
+LAYER_CLASSES = {"deit": Dinov2Layer, "internvit": InternVLVisionLayer, "beit": BeitLayer}
+
+
 class PerceptionViTBranch(nn.Module):
     """A ViT branch: patch convolution, position table, optional class token, transformers layers."""
 
@@ -157,13 +209,22 @@ class PerceptionViTBranch(nn.Module):
         self.window_padding = "tokens" if branch.branch_type == "internvit" else branch.window_padding
         width = branch.hidden_size
         self.patch_embedding = nn.Conv2d(3, width, kernel_size=branch.patch_size, stride=branch.patch_size)
-        slots = branch.position_grid**2 + (1 if branch.position_class_slot else 0)
-        self.position_embedding = nn.Parameter(torch.zeros(1, slots, width))
+        if branch.position_grid is None:
+            self.position_embedding = None
+        else:
+            slots = branch.position_grid**2 + (1 if branch.position_class_slot else 0)
+            self.position_embedding = nn.Parameter(torch.zeros(1, slots, width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if branch.use_cls_token else None
-        layer_class = Dinov2Layer if branch.branch_type == "deit" else InternVLVisionLayer
-        self.layers = nn.ModuleList(
-            [layer_class(layer_config) for layer_config in layer_configs(branch, config._attn_implementation)]
-        )
+        layer_class = LAYER_CLASSES[branch.branch_type]
+        configs = layer_configs(branch, config._attn_implementation)
+        if layer_class is BeitLayer:
+            self.layers = nn.ModuleList([BeitLayer(layer_config, layer_config.drop_path_rate) for layer_config in configs])
+            self.relative_position_biases = nn.ModuleList(
+                [WindowRelativePositionBias(window, branch.num_attention_heads) for window in branch.window_sizes]
+            )
+        else:
+            self.layers = nn.ModuleList([layer_class(layer_config) for layer_config in configs])
+            self.relative_position_biases = None
 
     def position_embeddings(self, grid: Grid, index: int) -> torch.Tensor:
         """(H*W, C) positions for the token grid: the stored table, resized if the model resizes."""
@@ -187,7 +248,9 @@ class PerceptionViTBranch(nn.Module):
             )
         patches = self.patch_embedding(image.to(self.patch_embedding.weight.dtype))  # (batch, C, H, W)
         grid = tuple(patches.shape[-2:])
-        tokens = patches.flatten(2).transpose(1, 2) + self.position_embeddings(grid, index).to(patches.dtype)
+        tokens = patches.flatten(2).transpose(1, 2)
+        if self.position_embedding is not None:
+            tokens = tokens + self.position_embeddings(grid, index).to(patches.dtype)
         class_token = None if self.cls_token is None else self.cls_token.expand(tokens.shape[0], -1, -1)
         return BranchState(tokens=tokens, grid=grid, class_token=class_token)
 
@@ -199,17 +262,23 @@ class PerceptionViTBranch(nn.Module):
             if window is None:
                 hidden = self.layers[index](hidden)
             else:
-                hidden = self._windowed_layer(self.layers[index], hidden, state.grid, window)
+                hidden = self._windowed_layer(index, hidden, state.grid, window)
         if has_class:
             return BranchState(tokens=hidden[:, 1:], grid=state.grid, class_token=hidden[:, :1])
         return BranchState(tokens=hidden, grid=state.grid)
 
-    def _windowed_layer(self, layer: nn.Module, hidden: torch.Tensor, grid: Grid, window: int) -> torch.Tensor:
-        """The layer's own computation with its attention restricted to windows (no class token)."""
+    def _windowed_layer(self, index: int, hidden: torch.Tensor, grid: Grid, window: int) -> torch.Tensor:
+        """Layer `index`'s own computation with its attention restricted to windows (no class token)."""
+        layer = self.layers[index]
         if isinstance(layer, Dinov2Layer):
             attended = windowed_attention(layer.attention, layer.norm1(hidden), grid, window, self.window_padding)
             hidden = hidden + layer.drop_path(layer.layer_scale1(attended))
             return hidden + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden))))
+        if isinstance(layer, BeitLayer):
+            bias = self.relative_position_biases[index]()
+            attended = windowed_attention(layer.attention, layer.layernorm_before(hidden), grid, window, "tokens", bias)
+            hidden = hidden + layer.drop_path(layer.lambda_1 * attended)
+            return hidden + layer.drop_path(layer.lambda_2 * layer.mlp(layer.layernorm_after(hidden)))
         attended = windowed_attention(layer.attention, layer.layernorm_before(hidden), grid, window, "tokens")
         hidden = hidden + layer.lambda_1 * attended
         return hidden + layer.lambda_2 * layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
@@ -223,7 +292,7 @@ class PIIPPerceptionPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Dinov2Layer", "InternVLVisionLayer", "ConvNextLayer", "BidirectionalInteractionUnit"]
+    _no_split_modules = ["Dinov2Layer", "InternVLVisionLayer", "BeitLayer", "ConvNextLayer", "BidirectionalInteractionUnit"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -237,15 +306,19 @@ class PIIPPerceptionPreTrainedModel(PreTrainedModel):
             if isinstance(module.attn, DeformableCrossAttention):
                 init_deformable_attention(module.attn)
         elif isinstance(module, PerceptionViTBranch):
-            init.trunc_normal_(module.position_embedding, std=std)
+            if module.position_embedding is not None:
+                init.trunc_normal_(module.position_embedding, std=std)
             if module.cls_token is not None:
                 init.zeros_(module.cls_token)
         elif isinstance(module, Dinov2Layer):
             init.constant_(module.layer_scale1.lambda1, module.attention.config.layerscale_value)
             init.constant_(module.layer_scale2.lambda1, module.attention.config.layerscale_value)
-        elif isinstance(module, InternVLVisionLayer):
+        elif isinstance(module, (InternVLVisionLayer, BeitLayer)):
             init.constant_(module.lambda_1, module.attention.config.layer_scale_init_value)
             init.constant_(module.lambda_2, module.attention.config.layer_scale_init_value)
+        elif isinstance(module, WindowRelativePositionBias):
+            init.zeros_(module.relative_position_bias_table)  # as the official BEiT builds it
+            init.copy_(module.relative_position_index, module.offset_index())  # a buffer, not saved
         elif isinstance(module, BranchMergeWeights):
             init.ones_(module.weights)
         elif isinstance(module, nn.Linear):
