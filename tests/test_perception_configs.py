@@ -26,7 +26,6 @@ RELEASED_FILES = sorted(RELEASED.rglob("*.py"))
 
 # Released configs this port does not build, and why (the refusal names it).
 UNSUPPORTED = {
-    "mask_rcnn_uniperceiver_sbl_1568_1120_672_fpn_1x_coco_bs16": "perceiver wrapper",
     "mask_rcnn_convnext-base_1024_regular-fpn": "not a PIIP backbone",
     "mask_rcnn_deit_vit_b_fpn_1x_coco_bs16": "not a PIIP backbone",
     "mask_rcnn_deit_vit_l_fpn_1x_coco_bs16": "not a PIIP backbone",
@@ -37,8 +36,8 @@ UNSUPPORTED = {
 
 def test_the_released_configs_are_all_here():
     assert len(RELEASED_FILES) == 41
-    assert len(UNSUPPORTED) == 6
-    assert len(list(BUNDLED.glob("*.json"))) == 41 - 6
+    assert len(UNSUPPORTED) == 5  # the single-branch baselines
+    assert len(list(BUNDLED.glob("*.json"))) == 41 - 5
 
 
 @pytest.mark.parametrize("path", RELEASED_FILES, ids=lambda path: path.stem)
@@ -111,6 +110,16 @@ def test_released_beit_detector_reads_as_the_official_code_builds_it():
     assert beit_large.window_sizes == [28] * 24 and deit_small.window_sizes == [28] * 12
 
 
+def test_released_uniperceiver_detector_reads_as_the_official_code_builds_it():
+    config, _ = perception_config_from_file(
+        str(RELEASED / "mmdetection/configs/piip/3branch/mask_rcnn_uniperceiver_sbl_1568_1120_672_fpn_1x_coco_bs16.py")
+    )
+    large, base, small = config.branch_configs
+    assert [branch.branch_type for branch in config.branch_configs] == ["uniperceiver", "uniperceiver", "deit"]
+    assert (large.hidden_size, large.num_hidden_layers, large.qkv_bias, large.position_grid) == (1024, 24, True, 14)
+    assert large.window_padding == "tokens" and small.window_padding == "tokens"
+
+
 def test_convnext_branches_that_do_not_match_their_checkpoint_are_refused(tmp_path):
     path = RELEASED / "mmdetection/configs/piip/convnext/mask_rcnn_convnext-tsb_1024_672_448_regular-fpn.py"
     names = read_official_config(str(path))
@@ -138,8 +147,8 @@ def test_unknown_keys_and_branch_types_are_refused_by_name():
         perception_config_from_official({"model": {"backbone": backbone}})
     del backbone["branch1"]["colour"]
     backbone["branch2"]["pretrained"] = "uni-perceiver-base.pth"
-    with pytest.raises(PerceptionConversionError, match="branch2: .*perceiver wrapper"):
-        perception_config_from_official({"model": {"backbone": backbone}})
+    with pytest.raises(PerceptionConversionError, match="branch2: .* names a Uni-Perceiver; .* mmdetection wrapper only"):
+        perception_config_from_official({"model": {"backbone": backbone, "decode_head": {"type": "UPerHead"}}})
     backbone["branch2"]["pretrained"] = "deit_t.pth"
     backbone["branch2"]["use_abs_pos_emb"] = True
     with pytest.raises(PerceptionConversionError, match=r"branch2: \['use_abs_pos_emb'\] are options of the official BEiT wrapper"):

@@ -21,6 +21,7 @@ Official -> ours, per branch `branch{i}` -> `piip.branches.{i-1}`:
 | `blocks.J.mlp.fc1/fc2`                     | `layers.J.mlp.fc1/fc2`                                              |
 | BEiT: `attn.q_bias` / `attn.v_bias`        | `attention.q_proj.bias` / `v_proj.bias` (`BeitLayer`; k has none)   |
 | BEiT: `attn.relative_position_bias_table`  | `relative_position_biases.J.relative_position_bias_table`           |
+| Uni-Perceiver: `visual_embed.*`, `layers.J.{self_attn.in_proj,self_attn.out_proj,linear1,linear2,gamma_1/2}` | `patch_embedding`, `position_embedding`, `temporal_position`, `embedding_norm`; `Dinov2Layer` parts as DeiT's |
 | `norm`, `head` (separate heads)            | `branch_norms.{i-1}`, `branch_classifiers.{i-1}`                    |
 | `convnext_model.embeddings.*` (ConvNeXt)   | `embeddings.*` (the LLaVA encoder's `ConvNextBranch`)               |
 | `convnext_model.encoder.stages.*`          | `stages.*`; `convnext_model.layernorm` (unused by PIIP) is dropped  |
@@ -88,7 +89,6 @@ INERT_BRANCH_KEYS = {
     "use_simple_fpn", "cal_flops", "branch1_w_cls_token", "branch2_w_cls_token", "branch3_w_cls_token",
     "branch4_w_cls_token",
 }  # fmt: skip
-UNSUPPORTED_WRAPPERS = ("perceiver",)
 CONVNEXT_BRANCH_KEYS = {"real_size", "interaction_indexes", "downsample_ratios", "pretrained", "drop_path_rate"}
 INERT_CONVNEXT_KEYS = {"single_branch", "with_simple_fpn", "cal_flops"}
 # The published shapes of the ConvNeXt checkpoints the released configs name (facebook/convnext-*-224 config.json).
@@ -172,14 +172,15 @@ def _branch_type(branch: dict, codebase: str, index: int) -> str:
         raise PerceptionConversionError(
             f"branch{index}: the official dense code picks the branch type from the `pretrained` path, which is {pretrained!r}."
         )
-    for wrapper in UNSUPPORTED_WRAPPERS:
-        if wrapper in pretrained and "deit" not in pretrained:
-            raise PerceptionConversionError(
-                f"branch{index}: pretrained={pretrained!r} selects the official {wrapper} wrapper, which this port does not "
-                "support (supported: DeiT / DeiT III, BEiT, ConvNeXt, and AugReg, DINOv2, MAE, InternViT through InternViT6B)."
-            )
     if "deit" in pretrained:
         return "deit"
+    if "perceiver" in pretrained:
+        if codebase != "mmdet":
+            raise PerceptionConversionError(
+                f"branch{index}: pretrained={pretrained!r} names a Uni-Perceiver; this port follows the official mmdetection "
+                "wrapper only (no released segmentation config has one)."
+            )
+        return "uniperceiver"
     if "beit" in pretrained:
         if codebase != "mmdet":
             raise PerceptionConversionError(
@@ -277,7 +278,12 @@ def _branch_config(branch: dict, codebase: str, index: int, base_dir: str | None
     misplaced = sorted(BEIT_KEYS & set(branch)) if branch_type != "beit" else []
     if misplaced:
         raise PerceptionConversionError(f"branch{index}: {misplaced} are options of the official BEiT wrapper, not of a {branch_type} branch.")
-    if branch_type == "beit":
+    if branch_type == "uniperceiver":
+        if patch_size != 16:
+            raise PerceptionConversionError(f"branch{index}: the official Uni-Perceiver embedding works on 16-pixel patches only.")
+        # det/uniperceiver.py: BertLayer has q/k/v biases, layer scales initialised to zero, and pads normed tokens.
+        options = {"qkv_bias": True, "layer_scale_init": 0.0, "window_padding": "tokens"}
+    elif branch_type == "beit":
         options = _beit_options(branch, index)
         if not branch.get("use_abs_pos_emb", False):
             grid_size = None  # det/beit.py: no absolute positions (pos_embed None), only relative ones
@@ -306,7 +312,7 @@ def _branch_config(branch: dict, codebase: str, index: int, base_dir: str | None
         "num_hidden_layers": depth,
         "num_attention_heads": branch.get("num_heads", 12),
         "mlp_ratio": float(branch.get("mlp_ratio", 4.0)),
-        "qkv_bias": bool(branch.get("qkv_bias", False)),
+        "qkv_bias": bool(branch.get("qkv_bias", False)),  # Uni-Perceiver's options override it
         "patch_size": patch_size,
         "position_grid": None if grid_size is None else grid_size // patch_size,
         "position_class_slot": branch_type == "internvit",
@@ -493,6 +499,8 @@ def _map_one(name, tensor, branch_types, config, classification, merge_weights, 
         prefix = f"piip.branches.{index}."
         if branch_types[index] == "convnext":
             return _map_convnext(rest, tensor, prefix, ours)
+        if branch_types[index] == "uniperceiver":
+            return _map_uniperceiver(rest, tensor, prefix, ours)
         simple = {"patch_embed.proj.weight": "patch_embedding.weight", "patch_embed.proj.bias": "patch_embedding.bias",
                   "pos_embed": "position_embedding", "cls_token": "cls_token"}  # fmt: skip
         if rest in simple:
@@ -548,6 +556,38 @@ def _map_one(name, tensor, branch_types, config, classification, merge_weights, 
             ours[f"intermediate_merges.{level}.branch_merges.{branch}.{layer}.{kind}"] = tensor
         return True
     return _map_head(name, tensor, classification, ours)
+
+
+UNIPERCEIVER_PARTS = {
+    "visual_embed.patch_embed.proj.": "patch_embedding.", "visual_embed.embeddings_norm.": "embedding_norm.",
+    "self_attn.out_proj.": "attention.o_proj.", "norm1.": "norm1.", "norm2.": "norm2.",
+    "linear1.": "mlp.fc1.", "linear2.": "mlp.fc2.", "gamma_1": "layer_scale1.lambda1", "gamma_2": "layer_scale2.lambda1",
+}  # fmt: skip
+
+
+def _map_uniperceiver(rest: str, tensor: torch.Tensor, prefix: str, ours: dict) -> bool | None:
+    """The official `UnifiedBertEncoder` (`visual_embed.*`, `layers.J.*`) -> our branch and its `Dinov2Layer`s.
+
+    The position table (an `nn.Embedding`) gains the batch axis of ours; of the 8 temporal positions only
+    the first is ever added (an image is one frame), and only it is kept."""
+    if rest == "visual_embed.patch_embed.spatial_pos_embed.weight":
+        ours[prefix + "position_embedding"] = tensor[None]
+        return True
+    if rest == "visual_embed.patch_embed.temporal_pos_embed.weight":
+        ours[prefix + "temporal_position"] = tensor[:1].clone()
+        return True
+    layer = re.fullmatch(r"layers\.(\d+)\.(.+)", rest)
+    owner, part = (f"{prefix}layers.{layer.group(1)}.", layer.group(2)) if layer else (prefix, rest)
+    qkv = re.fullmatch(r"self_attn\.in_proj\.(weight|bias)", part)
+    if layer and qkv:
+        for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+            ours[f"{owner}attention.{projection}.{qkv.group(1)}"] = chunk.clone()
+        return True
+    for official, renamed in UNIPERCEIVER_PARTS.items():
+        if part.startswith(official) and (layer is not None) != official.startswith("visual_embed."):
+            ours[owner + renamed + part[len(official) :]] = tensor
+            return True
+    return None
 
 
 def _map_convnext(rest: str, tensor: torch.Tensor, prefix: str, ours: dict) -> bool | None:

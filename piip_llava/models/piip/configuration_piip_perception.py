@@ -19,7 +19,7 @@ from transformers.backbone_utils import BackboneConfigMixin
 
 from .configuration_piip import PIIPBranchConfig
 
-BRANCH_TYPES = ("deit", "internvit", "beit", "convnext")
+BRANCH_TYPES = ("deit", "internvit", "beit", "uniperceiver", "convnext")
 NORM_TYPES = ("layer_norm", "rms_norm")
 HIDDEN_ACTS = ("gelu", "gelu_pytorch_tanh")
 CLASSIFICATION_HEADS = ("separate", "shared")
@@ -37,7 +37,9 @@ class PerceptionBranchConfig:
             qk-norm across all heads, layer scale, exact or tanh GELU; transformers' `InternVLVisionLayer`),
             `"beit"` (BEiT / BEiT v2 block: q and v biases, no k bias, layer scale, a relative position
             bias per layer over its window; transformers' `BeitLayer`, every layer windowed, no
-            absolute positions) or `"convnext"` (transformers' ConvNext, built by the LLaVA encoder's ConvNeXt branch adapter:
+            absolute positions), `"uniperceiver"` (Uni-Perceiver's BERT-style block: the DeiT block with
+            PyTorch's default LayerNorm eps 1e-5; its embedding adds the resized positions and the first
+            temporal position, then a LayerNorm) or `"convnext"` (transformers' ConvNext, built by the LLaVA encoder's ConvNeXt branch adapter:
             its blocks are each stage's downsampling layer and ConvNeXt layers).
         convnext_config: for a `"convnext"` branch, its `ConvNextConfig` as a dict (`depths`,
             `hidden_sizes`, ...); `hidden_size` (the last stage's width) and `num_hidden_layers` (its
@@ -175,16 +177,20 @@ class PerceptionBranchConfig:
                 f"window_sizes has {len(self.window_sizes)} entries for {self.num_hidden_layers} layers",
             ),
             (
-                self.branch_type != "deit" or (self.norm_type == "layer_norm" and not self.qk_norm),
-                "a deit branch has LayerNorm and no qk-norm",
+                self.branch_type not in ("deit", "uniperceiver") or (self.norm_type == "layer_norm" and not self.qk_norm),
+                f"a {self.branch_type} branch has LayerNorm and no qk-norm",
             ),
             (
                 not self.qk_norm or self.norm_type == "rms_norm",
                 "qk-norm is supported with RMSNorm blocks only (as in every released InternViT config)",
             ),
             (
-                self.branch_type != "deit" or float(self.mlp_ratio).is_integer(),
-                f"a deit branch needs an integral mlp_ratio, got {self.mlp_ratio}",
+                self.branch_type not in ("deit", "uniperceiver") or float(self.mlp_ratio).is_integer(),
+                f"a {self.branch_type} branch needs an integral mlp_ratio, got {self.mlp_ratio}",
+            ),
+            (
+                self.branch_type != "uniperceiver" or (self.position_grid is not None and not self.position_class_slot),
+                "a uniperceiver branch has a position table without class slot",
             ),
             (self.window_padding in WINDOW_PADDINGS, f"window_padding must be one of {WINDOW_PADDINGS}"),
             (

@@ -4,7 +4,8 @@ The branches are plain ViTs whose layers are transformers' own: DeiT / DeiT III 
 `Dinov2Layer` (LayerNorm, attention, layer scale, exact-GELU MLP), AugReg / DINOv2 / MAE /
 InternViT blocks are `InternVLVisionLayer` (LayerNorm or RMSNorm, qk-norm across all heads, layer
 scale, exact or tanh GELU) and BEiT blocks are `BeitLayer` (q / v biases, layer scale; the
-relative position bias of each layer's window is the branch's `WindowRelativePositionBias`). What is PIIP's own lives here: the branch embedding (a patch
+relative position bias of each layer's window is the branch's `WindowRelativePositionBias`);
+Uni-Perceiver blocks are `Dinov2Layer`s too (with LayerNorm eps 1e-5). What is PIIP's own lives here: the branch embedding (a patch
 convolution and a position table added as stored or resized per forward), windowed attention
 with the official padding semantics, the interactions (shared with the LLaVA encoder), the
 classification heads and the merged multi-scale outputs. ConvNeXt branches (the official ConvNeXt
@@ -38,6 +39,7 @@ from .modeling_piip import PIIPInteraction, PIIPVisionModelOutput, init_deformab
 Grid = tuple[int, int]
 CONVNEXT_TOTAL_STRIDE = 32  # stem 4, then three stages that halve the grid
 NORM_EPS = 1e-6  # every norm inside the official ViT branches and heads
+UNIPERCEIVER_NORM_EPS = 1e-5  # Uni-Perceiver's nn.LayerNorm defaults (det/uniperceiver.py)
 GROUP_NORM_GROUPS = 32
 
 
@@ -50,14 +52,14 @@ def branch_norm(branch: PerceptionBranchConfig, width: int | None = None) -> nn.
 
 def layer_configs(branch: PerceptionBranchConfig, attn_implementation: str | None) -> list:
     """One transformers config per layer (each layer has its own stochastic-depth rate)."""
-    if branch.branch_type == "deit":
+    if branch.branch_type in ("deit", "uniperceiver"):
         base = Dinov2Config(
             hidden_size=branch.hidden_size,
             num_hidden_layers=branch.num_hidden_layers,
             num_attention_heads=branch.num_attention_heads,
             mlp_ratio=int(branch.mlp_ratio),  # Dinov2Config takes an int; validated integral
             qkv_bias=branch.qkv_bias,
-            layer_norm_eps=NORM_EPS,
+            layer_norm_eps=UNIPERCEIVER_NORM_EPS if branch.branch_type == "uniperceiver" else NORM_EPS,
             layerscale_value=branch.layer_scale_init,
             hidden_act=branch.hidden_act,
         )
@@ -196,7 +198,7 @@ class WindowRelativePositionBias(nn.Module):
         return bias.reshape(self.window**2, self.window**2, -1).permute(2, 0, 1)
 
 
-LAYER_CLASSES = {"deit": Dinov2Layer, "internvit": InternVLVisionLayer, "beit": BeitLayer}
+LAYER_CLASSES = {"deit": Dinov2Layer, "uniperceiver": Dinov2Layer, "internvit": InternVLVisionLayer, "beit": BeitLayer}
 
 
 class PerceptionViTBranch(nn.Module):
@@ -215,6 +217,12 @@ class PerceptionViTBranch(nn.Module):
             slots = branch.position_grid**2 + (1 if branch.position_class_slot else 0)
             self.position_embedding = nn.Parameter(torch.zeros(1, slots, width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if branch.use_cls_token else None
+        if branch.branch_type == "uniperceiver":
+            # Uni-Perceiver adds its first temporal position (one image is one frame), then a LayerNorm.
+            self.temporal_position = nn.Parameter(torch.zeros(1, width))
+            self.embedding_norm = nn.LayerNorm(width, eps=UNIPERCEIVER_NORM_EPS)
+        else:
+            self.temporal_position = self.embedding_norm = None
         layer_class = LAYER_CLASSES[branch.branch_type]
         configs = layer_configs(branch, config._attn_implementation)
         if layer_class is BeitLayer:
@@ -251,6 +259,8 @@ class PerceptionViTBranch(nn.Module):
         tokens = patches.flatten(2).transpose(1, 2)
         if self.position_embedding is not None:
             tokens = tokens + self.position_embeddings(grid, index).to(patches.dtype)
+        if self.embedding_norm is not None:
+            tokens = self.embedding_norm(tokens + self.temporal_position.to(tokens.dtype))
         class_token = None if self.cls_token is None else self.cls_token.expand(tokens.shape[0], -1, -1)
         return BranchState(tokens=tokens, grid=grid, class_token=class_token)
 
@@ -308,6 +318,8 @@ class PIIPPerceptionPreTrainedModel(PreTrainedModel):
         elif isinstance(module, PerceptionViTBranch):
             if module.position_embedding is not None:
                 init.trunc_normal_(module.position_embedding, std=std)
+            if module.temporal_position is not None:
+                init.trunc_normal_(module.temporal_position, std=std)
             if module.cls_token is not None:
                 init.zeros_(module.cls_token)
         elif isinstance(module, Dinov2Layer):
