@@ -234,6 +234,10 @@ class PerceptionViTBranch(nn.Module):
             self.layers = nn.ModuleList([layer_class(layer_config) for layer_config in configs])
             self.relative_position_biases = None
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.layers)
+
     def position_embeddings(self, grid: Grid, index: int) -> torch.Tensor:
         """(H*W, C) positions for the token grid: the stored table, resized if the model resizes."""
         table = self.position_embedding[0, 1:] if self.branch.position_class_slot else self.position_embedding[0]
