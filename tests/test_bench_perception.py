@@ -11,7 +11,6 @@ from piip_llava import benchmarking
 from piip_llava.benchmarking import BenchSettings, format_report, run_benchmarks
 from piip_llava.models.piip import PIIPPerceptionConfig
 
-
 VIT_BRANCHES = [
     {"image_size": 32, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "position_grid": 2,
      "window_sizes": [2, None], "interaction_groups": [[0, 0], [1, 1]]},

@@ -169,7 +169,10 @@ def test_intermediate_merges_give_the_four_outputs(last_is_convnext):
     # The merged map of the last branch's grid: branch 1 normed, the others convolved, weighted sum.
     first, second, third = outputs.interaction_feature_maps[0]
     merge = model.intermediate_merges[0]
-    resize = lambda feature_map: F.interpolate(feature_map, size=third.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
+
+    def resize(feature_map):
+        return F.interpolate(feature_map, size=third.shape[-2:], mode="bilinear", align_corners=False)
+
     weights = merge.merge_weights.weights
     by_hand = (
         resize(F.relu(merge.branch_merges[0][0](first))) * weights[0]

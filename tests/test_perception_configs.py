@@ -114,7 +114,7 @@ def test_released_uniperceiver_detector_reads_as_the_official_code_builds_it():
     config, _ = perception_config_from_file(
         str(RELEASED / "mmdetection/configs/piip/3branch/mask_rcnn_uniperceiver_sbl_1568_1120_672_fpn_1x_coco_bs16.py")
     )
-    large, base, small = config.branch_configs
+    large, _, small = config.branch_configs
     assert [branch.branch_type for branch in config.branch_configs] == ["uniperceiver", "uniperceiver", "deit"]
     assert (large.hidden_size, large.num_hidden_layers, large.qkv_bias, large.position_grid) == (1024, 24, True, 14)
     assert large.window_padding == "tokens" and small.window_padding == "tokens"
