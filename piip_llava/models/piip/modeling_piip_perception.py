@@ -378,6 +378,8 @@ class PIIPPerceptionModel(PIIPPerceptionPreTrainedModel):
     def __init__(self, config: PIIPPerceptionConfig):
         super().__init__(config)
         branches = config.branch_configs
+        # The branches' typed configs, read once: the architecture does not change after it is built.
+        self.branch_configs = branches
         self.branches = nn.ModuleList([build_perception_branch(branch, config) for branch in branches])
         rates = linear_rates(config.interaction_drop_path_rate, config.num_interactions)
         self.interactions = nn.ModuleList(
@@ -407,7 +409,7 @@ class PIIPPerceptionModel(PIIPPerceptionPreTrainedModel):
         (bilinear, align_corners=False, floor of the output size); the input branch's is the input."""
         input_size = self.config.image_size
         images = []
-        for branch in self.config.branch_configs:
+        for branch in self.branch_configs:
             ratio = branch.image_size / input_size
             if ratio == 1:
                 images.append(pixel_values)
@@ -429,7 +431,7 @@ class PIIPPerceptionModel(PIIPPerceptionPreTrainedModel):
         self.check_pixel_values(pixel_values)
         images = self.resize_for_branches(pixel_values)
         states = [self.embed(branch, image, index) for index, (branch, image) in enumerate(zip(self.branches, images), 1)]
-        groups = [branch.interaction_groups for branch in self.config.branch_configs]
+        groups = [branch.interaction_groups for branch in self.branch_configs]
         merge_after = set() if self.config.with_simple_fpn else set(self.config.out_interaction_indexes)
         interaction_feature_maps = []
         for interaction_index, interaction in enumerate(self.interactions):
