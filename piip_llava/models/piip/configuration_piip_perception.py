@@ -1,12 +1,12 @@
 """Configuration of PIIP for visual perception: ImageNet classifiers and detection / segmentation backbones.
 
 The perception models of the PIIP paper are 2-, 3- or 4-branch pyramids of plain ViTs (DeiT /
-DeiT III, or AugReg, DINOv2, MAE and InternViT checkpoints through the InternViT-style block) and,
-in the ConvNeXt detection configs, ConvNeXt branches, joined by the same interaction units as the
-LLaVA encoder. What differs from the LLaVA encoder is
-how each branch embeds its image (position tables resized per forward or added as stored, class
-tokens without a class position), windowed attention, and the heads: classification heads or the
-merged multi-scale maps a detector's neck takes. Facts and official line numbers are in
+DeiT III; AugReg, DINOv2, MAE and InternViT checkpoints through the InternViT-style block; BEiT;
+Uni-Perceiver) and, in the ConvNeXt detection configs, ConvNeXt branches, joined by the same
+interaction units as the LLaVA encoder. What differs from the LLaVA encoder is how each ViT
+branch embeds its image (position tables resized per forward or added as stored, class tokens
+without a class position), windowed attention, and the heads: classification heads or the merged
+multi-scale maps a detector's neck takes. Facts and official line numbers are in
 `PIIP_PERCEPTION_SPEC.md`; this file only holds the typed description.
 """
 
@@ -39,8 +39,9 @@ class PerceptionBranchConfig:
             bias per layer over its window; transformers' `BeitLayer`, every layer windowed, no
             absolute positions), `"uniperceiver"` (Uni-Perceiver's BERT-style block: the DeiT block with
             PyTorch's default LayerNorm eps 1e-5; its embedding adds the resized positions and the first
-            temporal position, then a LayerNorm) or `"convnext"` (transformers' ConvNext, built by the LLaVA encoder's ConvNeXt branch adapter:
-            its blocks are each stage's downsampling layer and ConvNeXt layers).
+            temporal position, then a LayerNorm) or `"convnext"` (transformers' ConvNext, built by the
+            LLaVA encoder's ConvNeXt branch adapter: its blocks are each stage's downsampling layer and
+            ConvNeXt layers).
         convnext_config: for a `"convnext"` branch, its `ConvNextConfig` as a dict (`depths`,
             `hidden_sizes`, ...); `hidden_size` (the last stage's width) and `num_hidden_layers` (its
             block count) follow from it, and the ViT-only attributes below do not apply.

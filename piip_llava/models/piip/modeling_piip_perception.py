@@ -1,17 +1,17 @@
-"""PIIP for visual perception: the N-branch ViT pyramid, its classification heads and its dense backbone.
+"""PIIP for visual perception: the N-branch pyramid, its classification heads and its dense backbone.
 
-The branches are plain ViTs whose layers are transformers' own: DeiT / DeiT III blocks are
-`Dinov2Layer` (LayerNorm, attention, layer scale, exact-GELU MLP), AugReg / DINOv2 / MAE /
-InternViT blocks are `InternVLVisionLayer` (LayerNorm or RMSNorm, qk-norm across all heads, layer
-scale, exact or tanh GELU) and BEiT blocks are `BeitLayer` (q / v biases, layer scale; the
-relative position bias of each layer's window is the branch's `WindowRelativePositionBias`);
-Uni-Perceiver blocks are `Dinov2Layer`s too (with LayerNorm eps 1e-5). What is PIIP's own lives here: the branch embedding (a patch
-convolution and a position table added as stored or resized per forward), windowed attention
-with the official padding semantics, the interactions (shared with the LLaVA encoder), the
-classification heads and the merged multi-scale outputs. ConvNeXt branches (the official ConvNeXt
-detection configs) are the LLaVA encoder's own ConvNeXt branch adapter (`branches.ConvNextBranch`,
-transformers' ConvNext layers), and their backbones merge the branches after chosen interactions
-too (`with_simple_fpn=False`). See `PIIP_PERCEPTION_SPEC.md`.
+The ViT branches' layers are transformers' own: DeiT / DeiT III blocks are `Dinov2Layer`
+(LayerNorm, attention, layer scale, exact-GELU MLP), and so are Uni-Perceiver's (LayerNorm eps
+1e-5); AugReg / DINOv2 / MAE / InternViT blocks are `InternVLVisionLayer` (LayerNorm or RMSNorm,
+qk-norm across all heads, layer scale, exact or tanh GELU); BEiT blocks are `BeitLayer` (q / v
+biases, layer scale; the relative position bias of each layer's window is the branch's
+`WindowRelativePositionBias`). ConvNeXt branches (the official ConvNeXt detection configs) are the
+LLaVA encoder's own ConvNeXt branch adapter (`branches.ConvNextBranch`, transformers' ConvNext
+layers). What is PIIP's own lives here: the ViT branch embedding (a patch convolution and a
+position table added as stored or resized per forward), windowed attention with the official
+padding semantics, the interactions (shared with the LLaVA encoder), the classification heads and
+the merged multi-scale outputs, from one merged map or, without the simple FPN, from the maps
+merged after chosen interactions. See `PIIP_PERCEPTION_SPEC.md`.
 """
 
 from __future__ import annotations
