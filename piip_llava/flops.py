@@ -273,9 +273,10 @@ def count_perception_cost(config: PIIPPerceptionConfig) -> EncoderCost:
         merge_parameters = sum(_parameter_count(module) for module in merge_modules)
         merge_flops = sum(_outermost_total(by_module, name) for name in ("branch_merges", "intermediate_merges", "merge_weights"))
         cost.components.append(ComponentCost("merges", merge_parameters, merge_flops // 2))
-        cost.outside_total.append(
-            ComponentCost("output scales", head_parameters - merge_parameters, (head_flops - merge_flops) // 2)
-        )
+        if head_parameters > merge_parameters:  # a ConvNeXt last branch's merges are the outputs as they are
+            cost.outside_total.append(
+                ComponentCost("output scales", head_parameters - merge_parameters, (head_flops - merge_flops) // 2)
+            )
     else:
         cost.outside_total.append(ComponentCost("merges and output scales", head_parameters, head_flops // 2))
     padding_macs = window_padding_macs(config)
