@@ -242,7 +242,8 @@ def count_perception_cost(config: PIIPPerceptionConfig) -> EncoderCost:
     """Parameters and multiply-adds of a perception model for one square image at its input size.
 
     The total is what the official tables report: for a classifier, the whole model (branches,
-    interactions, heads); for a detection / segmentation backbone, the branches and interactions.
+    interactions, heads); for a detection / segmentation backbone, the branches and interactions,
+    and for the ConvNeXt detection backbones (`with_simple_fpn=False`) their merges too.
     A backbone's merges and output scales are listed after the total: the tables leave them out
     (their figures match the branches and interactions to 1-4%, and exceed them by far less
     than the merges' ~25M parameters and ~250 GFLOPs for PIIP-TSB 1568/1120/672).
@@ -265,6 +266,17 @@ def count_perception_cost(config: PIIPPerceptionConfig) -> EncoderCost:
     head_flops = by_module["<total>"] - sum(2 * component.macs for component in cost.components)
     if isinstance(model, PIIPForImageClassification):
         cost.components.append(ComponentCost("classification heads", head_parameters, head_flops // 2))
+    elif not config.with_simple_fpn:
+        # The ConvNeXt table counts the merges: the official `cal_flops` forward returns after the final
+        # merge, before fpn1..fpn4 (det/piip_3branch.py). Its figures match ours with them, within 1%.
+        merge_modules = [model.branch_merges, model.intermediate_merges, model.merge_weights]
+        merge_parameters = sum(_parameter_count(module) for module in merge_modules)
+        merge_flops = sum(_outermost_total(by_module, name) for name in ("branch_merges", "intermediate_merges", "merge_weights"))
+        cost.components.append(ComponentCost("merges", merge_parameters, merge_flops // 2))
+        if head_parameters > merge_parameters:  # a ConvNeXt last branch's merges are the outputs as they are
+            cost.outside_total.append(
+                ComponentCost("output scales", head_parameters - merge_parameters, (head_flops - merge_flops) // 2)
+            )
     else:
         cost.outside_total.append(ComponentCost("merges and output scales", head_parameters, head_flops // 2))
     padding_macs = window_padding_macs(config)

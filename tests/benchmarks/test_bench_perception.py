@@ -5,19 +5,31 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
+
 from piip_llava import benchmarking
 from piip_llava.benchmarking import BenchSettings, format_report, run_benchmarks
 from piip_llava.models.piip import PIIPPerceptionConfig
 
+VIT_BRANCHES = [
+    {"image_size": 32, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "position_grid": 2,
+     "window_sizes": [2, None], "interaction_groups": [[0, 0], [1, 1]]},
+    {"image_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 1, "position_grid": 4,
+     "window_sizes": [3, 3], "interaction_groups": [[0, 0], [1, 1]]},
+]  # fmt: skip
+# A ConvNeXt last branch with the intermediate merges of the official ConvNeXt detection configs.
+CONVNEXT_BRANCHES = [
+    {**VIT_BRANCHES[0], "window_sizes": [2, None, None, None], "num_hidden_layers": 4,
+     "interaction_groups": [[0, 0], [1, 1], [2, 2], [3, 3]]},
+    {"branch_type": "convnext", "image_size": 64, "convnext_config": {"depths": [1, 1, 1, 1], "hidden_sizes": [32, 32, 32, 32]},
+     "interaction_groups": [[0, 0], [1, 2], [3, 4], [5, 6]]},
+]  # fmt: skip
+CONVNEXT_OPTIONS = {"with_simple_fpn": False, "out_interaction_indexes": [0, 1, 2]}
 
-def test_perception_suite_times_backbone_pyramid_bare_branches_and_baseline(tmp_path, monkeypatch):
-    branches = [
-        {"image_size": 32, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "position_grid": 2,
-         "window_sizes": [2, None], "interaction_groups": [[0, 0], [1, 1]]},
-        {"image_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 1, "position_grid": 4,
-         "window_sizes": [3, 3], "interaction_groups": [[0, 0], [1, 1]]},
-    ]  # fmt: skip
-    config = PIIPPerceptionConfig(branches=branches, resize_position_embeddings=True, deform_num_heads=2)
+
+@pytest.mark.parametrize("branches, options", [(VIT_BRANCHES, {}), (CONVNEXT_BRANCHES, CONVNEXT_OPTIONS)], ids=["vit", "convnext"])
+def test_perception_suite_times_backbone_pyramid_bare_branches_and_baseline(tmp_path, monkeypatch, branches, options):
+    config = PIIPPerceptionConfig(branches=branches, resize_position_embeddings=True, deform_num_heads=2, **options)
     path = tmp_path / "tiny_backbone.json"
     path.write_text(json.dumps(config.to_diff_dict()))
     tiny_baseline = {**benchmarking.PERCEPTION_BASELINE, "image_size": 64, "hidden_size": 32, "num_attention_heads": 2,

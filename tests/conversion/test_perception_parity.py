@@ -77,12 +77,19 @@ def test_detection_backbone_maps_equal_the_official_ones(tmp_path):
         "det_2branch_internvit_dino_windows_padded",
         "det_4branch_deit_windows_padded_qkv",
         "seg_3branch_input_branch2_no_pos_resize",
+        "det_3branch_convnext_cnn_last_intermediate_merge",
+        "det_3branch_convnext_vit_last_intermediate_merge",
+        "det_3branch_beit_windows_padded",
+        "det_3branch_uniperceiver_windows_padded",
     ],
 )
 def test_more_official_detection_backbones_give_the_official_maps(tmp_path, case):
     """2 and 4 branches, InternViT branches, DINO outputs, windows that need padding (both
-    semantics), interactions without projections or norms, the 4-branch quirk, and the mmseg
-    3-branch convention (input at branch 2's size, branch 3 upsampled, positions added as stored)."""
+    semantics), interactions without projections or norms, the 4-branch quirk, the mmseg
+    3-branch convention (input at branch 2's size, branch 3 upsampled, positions added as stored),
+    ConvNeXt branches with the intermediate merges (`with_simple_fpn=False`) after a ConvNeXt
+    or a ViT last branch, BEiT branches (relative position biases over windows that need padding) and
+    Uni-Perceiver branches (their own embedding, LayerNorm eps 1e-5)."""
     assert main(["convert", "--src", str(LOCAL_FIXTURES / case), "--dst", str(tmp_path)]) == 0
     reference = load_file(LOCAL_FIXTURES / case / "official_outputs.safetensors")
     model = PIIPBackbone.from_pretrained(tmp_path).eval()

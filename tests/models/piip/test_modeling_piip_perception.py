@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, pipeline
+from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, ConvNextConfig, ConvNextModel, pipeline
 
 from piip_llava import PIIPBackbone, PIIPForImageClassification, PIIPPerceptionConfig
 from piip_llava.cli import main
@@ -25,6 +28,28 @@ def branch(image_size, width, heads, layers=2, **options):
         "image_size": image_size, "hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": heads,
         "position_grid": grid, "interaction_groups": [[index, index] for index in range(layers)], **options,
     }  # fmt: skip
+
+
+TINY_CONVNEXT = {"depths": [1, 1, 1, 1], "hidden_sizes": [32, 64, 96, 128]}  # merged widths: GroupNorm(32)
+CONVNEXT_GROUPS = [[0, 0], [1, 2], [3, 4], [5, 6]]  # blocks: layer | down, layer | down, layer | down, layer
+
+
+def convnext_branch(image_size):
+    return {"branch_type": "convnext", "image_size": image_size, "convnext_config": TINY_CONVNEXT,
+            "interaction_groups": CONVNEXT_GROUPS}  # fmt: skip
+
+
+def vit_branch_in_four_groups(image_size, width, heads):
+    return branch(image_size, width, heads, layers=4)
+
+
+def regular_fpn_config(last_is_convnext: bool) -> PIIPPerceptionConfig:
+    """3 branches with a ConvNeXt, merged after interactions 0, 1, 2 and at the end (`with_simple_fpn=False`)."""
+    if last_is_convnext:
+        branches = [vit_branch_in_four_groups(32, 64, 2), vit_branch_in_four_groups(64, 32, 1), convnext_branch(128)]
+    else:
+        branches = [convnext_branch(64), vit_branch_in_four_groups(64, 32, 1), vit_branch_in_four_groups(128, 32, 1)]
+    return tiny_config(branches=branches, resize_position_embeddings=True, with_simple_fpn=False, out_interaction_indexes=[0, 1, 2])
 
 
 def tiny_config(**options) -> PIIPPerceptionConfig:
@@ -102,6 +127,119 @@ def test_backbone_scales_and_dino_outputs():
     without_fpn1 = PIIPPerceptionConfig.from_dict({**config.to_dict(), "build_fpn1": False, "out_features": None})
     assert without_fpn1.out_features == ["fpn2", "fpn3", "fpn4"]
     assert not any(name.startswith("upsample_4x") for name, _ in PIIPBackbone(without_fpn1).named_parameters())
+
+
+def test_convnext_branches_are_transformers_convnext_when_the_interactions_are_zero_gated():
+    """A ConvNeXt branch computes what transformers' ConvNextModel computes on its image, stage by stage."""
+    config = regular_fpn_config(last_is_convnext=True)
+    model = PIIPPerceptionModel(config).eval()
+    convnext = ConvNextModel(ConvNextConfig(**TINY_CONVNEXT)).eval()
+    convnext.embeddings.load_state_dict(model.branches[2].embeddings.state_dict())
+    convnext.encoder.stages.load_state_dict(model.branches[2].stages.state_dict())
+    pixel_values = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        outputs = model(pixel_values)
+        stages = convnext(pixel_values, output_hidden_states=True).hidden_states[1:]
+    torch.testing.assert_close(outputs.feature_maps[2], stages[-1])
+    for maps_after_interaction, stage in zip(outputs.interaction_feature_maps, stages):
+        torch.testing.assert_close(maps_after_interaction[2], stage)
+
+
+@pytest.mark.parametrize("last_is_convnext", [True, False])
+def test_intermediate_merges_give_the_four_outputs(last_is_convnext):
+    """Without the simple FPN: the maps after interactions 0, 1, 2 and the final ones, each merged at the last
+    branch's grid; as they are after a ConvNeXt last branch, else up-sampled 4x / 2x and max-pooled."""
+    model = randomise(PIIPBackbone(regular_fpn_config(last_is_convnext)))
+    pixel_values = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        outputs = model.piip(pixel_values)
+        levels = [merge(maps) for merge, maps in zip(model.intermediate_merges, outputs.interaction_feature_maps)]
+        final = model.merge_weights([merge(feature_map) for merge, feature_map in zip(model.branch_merges, outputs.feature_maps)])
+        maps = model(pixel_values).feature_maps
+    if last_is_convnext:
+        expected = levels + [final]
+        assert [tuple(feature_map.shape[1:]) for feature_map in maps] == [(64, 32, 24), (64, 16, 12), (64, 8, 6), (64, 4, 3)]
+    else:
+        expected = [model.upsample_4x(levels[0]), model.upsample_2x(levels[1]), levels[2], F.max_pool2d(final, 2)]
+        # Branch 1 (the ConvNeXt) is 32, 64, 96 wide after interactions 0, 1, 2 and 128 at the end.
+        assert [tuple(feature_map.shape[1:]) for feature_map in maps] == [(32, 32, 24), (64, 16, 12), (96, 8, 6), (128, 4, 3)]
+    assert model.channels == [feature_map.shape[1] for feature_map in maps]
+    for feature_map, reference in zip(maps, expected):
+        torch.testing.assert_close(feature_map, reference)
+    # The merged map of the last branch's grid: branch 1 normed, the others convolved, weighted sum.
+    first, second, third = outputs.interaction_feature_maps[0]
+    merge = model.intermediate_merges[0]
+
+    def resize(feature_map):
+        return F.interpolate(feature_map, size=third.shape[-2:], mode="bilinear", align_corners=False)
+
+    weights = merge.merge_weights.weights
+    by_hand = (
+        resize(F.relu(merge.branch_merges[0][0](first))) * weights[0]
+        + resize(merge.branch_merges[1](second)) * weights[1]
+        + merge.branch_merges[2](third) * weights[2]
+    )
+    torch.testing.assert_close(levels[0], by_hand)
+
+
+def test_convnext_configs_that_cannot_work_are_refused_by_name():
+    convnext_last = [vit_branch_in_four_groups(32, 64, 2), convnext_branch(128)]
+    with pytest.raises(ValueError, match="with_simple_fpn needs a ViT last branch"):
+        tiny_config(branches=convnext_last, resize_position_embeddings=True)
+    with pytest.raises(ValueError, match=r"three increasing out_interaction_indexes among the 4 interactions, got \[0, 2, 1\]"):
+        tiny_config(branches=convnext_last, with_simple_fpn=False, out_interaction_indexes=[0, 2, 1])
+    with pytest.raises(ValueError, match="Branch 2: interaction groups .* cover layers 0..5 of 7"):
+        tiny_config(branches=[vit_branch_in_four_groups(32, 64, 2), {**convnext_branch(128), "interaction_groups": [[0, 0], [1, 2], [3, 4], [5, 5]]}],
+                    with_simple_fpn=False, out_interaction_indexes=[0, 1, 2])  # fmt: skip
+    with pytest.raises(ValueError, match="official classifiers have ViT branches only"):
+        PIIPForImageClassification(regular_fpn_config(last_is_convnext=False))
+    backbone = PIIPBackbone(regular_fpn_config(last_is_convnext=False))  # branch 1: a ConvNeXt at half the input
+    with pytest.raises(ValueError, match="Branch 1 \\(ConvNeXt\\) gets a 16x48 image .* smaller than its total stride 32"):
+        backbone(torch.randn(1, 3, 32, 96))
+
+
+def test_convnext_backbone_round_trip(tmp_path):
+    model = randomise(PIIPBackbone(regular_fpn_config(last_is_convnext=False)))
+    model.save_pretrained(tmp_path)
+    reloaded = PIIPBackbone.from_pretrained(tmp_path).eval()
+    pixel_values = torch.randn(2, 3, 128, 96)
+    with torch.no_grad():
+        for original, loaded in zip(model(pixel_values).feature_maps, reloaded(pixel_values).feature_maps):
+            torch.testing.assert_close(original, loaded)
+
+
+OFFLINE_LOADING = """
+import sys
+import torch
+from transformers import AutoBackbone, AutoConfig, AutoModelForImageClassification
+import piip_llava
+classifier_dir, backbone_dir = sys.argv[1:]
+classifier = AutoModelForImageClassification.from_pretrained(classifier_dir)
+backbone = AutoBackbone.from_config(AutoConfig.from_pretrained(backbone_dir))
+backbone.load_state_dict(type(backbone).from_pretrained(backbone_dir).state_dict())
+print(type(classifier).__name__, type(backbone).__name__)
+try:
+    AutoBackbone.from_pretrained(backbone_dir)
+except Exception as error:
+    print("AutoBackbone.from_pretrained:", type(error).__name__)
+"""
+
+
+def test_saved_models_load_offline_through_the_auto_classes(tmp_path):
+    """HF_HUB_OFFLINE=1: AutoModelForImageClassification.from_pretrained takes a local directory, and a backbone
+    loads through AutoConfig + AutoBackbone.from_config (what transformers' `load_backbone` does). The installed
+    transformers' AutoBackbone.from_pretrained asks the Hub whether any name is a repository before loading, a
+    local directory included (its own Dinov2Backbone too), so it fails offline: not something our classes decide."""
+    PIIPForImageClassification(tiny_config()).save_pretrained(tmp_path / "classifier")
+    PIIPBackbone(tiny_config(resize_position_embeddings=True)).save_pretrained(tmp_path / "backbone")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE_LOADING, str(tmp_path / "classifier"), str(tmp_path / "backbone")],
+        capture_output=True, text=True, env=environment, timeout=300, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[0] == "PIIPForImageClassification PIIPBackbone"
+    assert lines[1] == "AutoBackbone.from_pretrained: HFValidationError"
 
 
 def test_autobackbone_builds_the_backbone_from_its_config():
