@@ -154,7 +154,7 @@ def run_task(task: str, args) -> dict:
             "num_eval_images": args.num_eval_images, "max_steps": args.max_steps[task],
             "batch_size": args.batch_size, "learning_rate": args.learning_rate[task], "seed": args.seed,
             "threads": torch.get_num_threads(),
-        },  # fmt: skip
+        },
         "untrained": untrained,
         "trained": trained,
         "training": training,

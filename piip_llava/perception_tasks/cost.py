@@ -39,7 +39,7 @@ def task_model_cost(config: PreTrainedConfig, image_size: int | None = None) -> 
     from accelerate import init_empty_weights
 
     if not isinstance(config.backbone_config, PIIPPerceptionConfig):
-        raise ValueError(f"The task model's backbone is {type(config.backbone_config).__name__}, not a PIIP backbone.")
+        raise TypeError(f"The task model's backbone is {type(config.backbone_config).__name__}, not a PIIP backbone.")
     image_size = image_size or config.backbone_config.image_size
     config = copy.deepcopy(config)
     config.backbone_config._attn_implementation = "eager"  # attention as plain matrix products, which are counted
@@ -79,10 +79,14 @@ def format_task_cost(cost: dict, title: str) -> str:
             title,
             f"input {cost['image_size']}x{cost['image_size']}, 1 image; GFLOPs = multiply-adds / 1e9",
             f"{'part':<10}  {'params (M)':>11}  {'GFLOPs':>9}  {'share':>6}",
-            f"{'backbone':<10}  {cost['backbone_parameters'] / 1e6:>11.2f}  {cost['backbone_gflops']:>9.3f}  "
-            f"{100 * cost['backbone_macs_share']:>5.1f}%",
-            f"{'head':<10}  {(cost['parameters'] - cost['backbone_parameters']) / 1e6:>11.2f}  "
-            f"{cost['gflops'] - cost['backbone_gflops']:>9.3f}  {100 * (1 - cost['backbone_macs_share']):>5.1f}%",
+            (
+                f"{'backbone':<10}  {cost['backbone_parameters'] / 1e6:>11.2f}  {cost['backbone_gflops']:>9.3f}  "
+                f"{100 * cost['backbone_macs_share']:>5.1f}%"
+            ),
+            (
+                f"{'head':<10}  {(cost['parameters'] - cost['backbone_parameters']) / 1e6:>11.2f}  "
+                f"{cost['gflops'] - cost['backbone_gflops']:>9.3f}  {100 * (1 - cost['backbone_macs_share']):>5.1f}%"
+            ),
             f"{'total':<10}  {cost['parameters'] / 1e6:>11.2f}  {cost['gflops']:>9.3f}",
         ]
     )
