@@ -1,17 +1,19 @@
 #!/usr/bin/env python
 """Train a tiny PIIP segmenter (UperNet) and a tiny PIIP detector (RT-DETR) from nothing on the synthetic shapes.
 
-Data: `piip_llava.synthetic.detection` scenes at 96 px (one to four shapes of five kinds, a printed
+Data: `piip_llava.synthetic.detection` scenes at 64 px (one to four shapes of five kinds, a printed
 word or number as a distractor); a training split and a held-out split drawn from other seeds,
 written in COCO format and as `datasets` datasets under `--work-dir/data`.
 Models: transformers' `UperNetForSemanticSegmentation` and `RTDetrForObjectDetection` with a
-two-branch PIIP backbone (a 64-wide DeiT branch at 48 px and a 32-wide one at 96 px, patch 8,
+two-branch PIIP backbone (a 64-wide DeiT branch at 32 px and a 32-wide one at 64 px, patch 8,
 two layers and two interactions each), trained with `Trainer` (AdamW, linear warm-up and decay).
 Each task model is scored on the held-out split before training (its freshly initialised head:
 the chance level) and after: mIoU (and pixel accuracy) for segmentation, COCO box mAP by
 pycocotools' COCOeval for detection. Results go to `--work-dir/<task>/results.json` and, with
 every task done, to docs/perception_tasks_results.{json,md} and docs/perception_tasks_loss.png.
 
+Launched with `deepspeed --num_gpus N scripts/train_perception_tasks.py ... --deepspeed scripts/zero2.json`
+(or `accelerate launch`), it trains data-parallel; the main process evaluates and writes.
 It resumes from the newest Trainer checkpoint in `--work-dir/<task>/trainer`. About 15 minutes per
 task on 2 CPU cores with the defaults (the figures in docs/perception_tasks.md are from them):
 
@@ -46,6 +48,7 @@ from piip_llava.perception_tasks import (
     segmentation_config,
     segmentation_image_processor,
 )
+from piip_llava.perception_tasks.baselines import single_branch_config
 from piip_llava.perception_tasks.cost import task_model_cost
 from piip_llava.perception_tasks.training import evaluate_detector, evaluate_segmenter, train_task_model
 from piip_llava.synthetic.detection import (
@@ -74,6 +77,19 @@ def tiny_backbone_config(image_size: int) -> PIIPPerceptionConfig:
     return PIIPPerceptionConfig(branches=branches, deform_num_heads=2, deform_num_points=4)
 
 
+BACKBONES = {"piip": None, "large-low": 0, "small-high": 1}  # the pyramid, or one of its branches alone
+
+
+def backbone_config_for(variant: str, image_size: int) -> PIIPPerceptionConfig:
+    """The two-branch pyramid, or its large branch alone at its low resolution, or its small branch at the high one."""
+    config = tiny_backbone_config(image_size)
+    return config if BACKBONES[variant] is None else single_branch_config(config, BACKBONES[variant])
+
+
+def run_name(task: str, variant: str) -> str:
+    return task if variant == "piip" else f"{task}-{variant}"
+
+
 def build_task_model(task: str, backbone_config: PIIPPerceptionConfig):
     """The tiny task model and its image processor."""
     if task == "segmentation":
@@ -96,7 +112,7 @@ def evaluate(task: str, model, examples, image_processor) -> dict:
 
 
 def run_task(task: str, args) -> dict:
-    work_dir = Path(args.work_dir) / task
+    work_dir = Path(args.work_dir) / run_name(task, args.backbone)
     results_path = work_dir / "results.json"
     if results_path.is_file():
         logger.info("%s: already done (%s)", task, results_path)
@@ -106,7 +122,7 @@ def run_task(task: str, args) -> dict:
     eval_examples = generate_examples(
         args.num_eval_images, "eval", seed=args.seed, image_size=args.image_size, first_id=args.num_train_images
     )
-    backbone_config = tiny_backbone_config(args.image_size)
+    backbone_config = backbone_config_for(args.backbone, args.image_size)
     model, image_processor = build_task_model(task, backbone_config)
     cost = task_model_cost(model.config, args.image_size)
     logger.info("%s: %.2fM parameters, %.3f GFLOPs, backbone share %.1f%%", task, cost["parameters"] / 1e6,
@@ -131,21 +147,22 @@ def run_task(task: str, args) -> dict:
         remove_unused_columns=False,
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
+        deepspeed=args.deepspeed,
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     training = train_task_model(task, model, train_examples, image_processor, arguments)
     # Wall time depends on what else runs on the machine; the process's CPU time less so.
     training["wall_s"] = time.perf_counter() - started
     training["cpu_s"] = time.process_time() - cpu_started
+    if not arguments.should_save:  # a DeepSpeed / accelerate worker other than the main process
+        return {}
     trained = evaluate(task, model, eval_examples, image_processor)
     logger.info("%s trained: %s", task, {key: value for key, value in trained.items() if key != "per_class_iou"})
     model.save_pretrained(work_dir / "model")
     image_processor.save_pretrained(work_dir / "model")
-    loss_curve = [
-        {"step": entry["step"], "loss": entry["loss"]} for entry in load_log_history(work_dir / "trainer") if "loss" in entry
-    ]
     results = {
         "task": task,
+        "backbone_variant": args.backbone,
         "model": type(model).__name__,
         "backbone": backbone_config.branches,
         "cost": cost,
@@ -158,18 +175,10 @@ def run_task(task: str, args) -> dict:
         "untrained": untrained,
         "trained": trained,
         "training": training,
-        "loss_curve": loss_curve,
+        "loss_curve": training.pop("loss_curve"),
     }
     atomic_write_text(results_path, json.dumps(results, indent=2))
     return results
-
-
-def load_log_history(trainer_dir: Path) -> list[dict]:
-    """Trainer's log history from the newest checkpoint's trainer_state.json (it holds every logged step)."""
-    states = sorted(trainer_dir.glob("checkpoint-*/trainer_state.json"), key=lambda path: int(path.parent.name.split("-")[1]))
-    if not states:
-        return []
-    return json.loads(states[-1].read_text(encoding="utf-8"))["log_history"]
 
 
 def headline(task: str, scores: dict) -> str:
@@ -221,17 +230,20 @@ def write_report(results: dict[str, dict], docs_dir: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=[*TASKS, "both"], default="both")
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="piip",
+                        help="the PIIP pyramid, or one of its branches alone (the comparison in docs/perception_tasks.md)")
     parser.add_argument("--work-dir", default="outputs/perception_tasks")
     parser.add_argument("--docs-dir", default=str(REPO / "docs"))
-    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--num-train-images", type=int, default=4000)
     parser.add_argument("--num-eval-images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--segmentation-steps", type=int, default=200)
-    parser.add_argument("--detection-steps", type=int, default=400)
+    parser.add_argument("--segmentation-steps", type=int, default=1500)
+    parser.add_argument("--detection-steps", type=int, default=1000)
     parser.add_argument("--segmentation-lr", type=float, default=1e-3)
     parser.add_argument("--detection-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deepspeed", help="a DeepSpeed config (e.g. scripts/zero2.json), for a `deepspeed` launch")
     parser.add_argument("--export-data", action="store_true", help="also write the splits as COCO files and datasets")
     parser.add_argument("--report-only", action="store_true", help="write the docs from existing results")
     args = parser.parse_args(argv)
@@ -248,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         export_shapes_dataset(Path(args.work_dir) / "data", seed=args.seed, num_train_images=args.num_train_images,
                               num_eval_images=args.num_eval_images, image_size=args.image_size)  # fmt: skip
     if not args.report_only:
-        for task in tasks:
-            run_task(task, args)
+        finished = [run_task(task, args) for task in tasks]
+        if not all(finished):  # a worker process of a distributed launch: the main process evaluates and reports
+            return 0
     results = {}
     for task in TASKS:
         path = Path(args.work_dir) / task / "results.json"

@@ -82,7 +82,8 @@ def training_dataset(task: str, examples: list[ShapesExample], image_processor):
 def train_task_model(
     task: str, model, examples: list[ShapesExample], image_processor, arguments: TrainingArguments
 ) -> dict:
-    """Train with `Trainer`, resuming from the newest checkpoint in `arguments.output_dir` if there is one."""
+    """Train with `Trainer`, resuming from the newest checkpoint in `arguments.output_dir` if there is one;
+    returns the mean training loss, the steps, the number of processes and the logged losses."""
     collators = {"segmentation": collate_segmentation, "detection": collate_detection}
     trainer = Trainer(
         model=model,
@@ -92,7 +93,14 @@ def train_task_model(
     )
     checkpoint = get_last_checkpoint(arguments.output_dir) if Path(arguments.output_dir).is_dir() else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    return {"train_loss": result.training_loss, "steps": result.global_step, "runtime_s": result.metrics["train_runtime"]}
+    return {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "world_size": arguments.world_size,
+        "loss_curve": [
+            {"step": entry["step"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry
+        ],
+    }
 
 
 @torch.no_grad()
