@@ -227,6 +227,46 @@ def write_report(results: dict[str, dict], docs_dir: Path) -> None:
     plt.close(figure)
 
 
+def load_results(work_dir: Path) -> dict[str, dict]:
+    """Every finished run's results, by run name (`segmentation`, `segmentation-large-low`, ...)."""
+    return {
+        path.parent.name: json.loads(path.read_text(encoding="utf-8")) for path in sorted(work_dir.glob("*/results.json"))
+    }
+
+
+def write_comparison(results: list[dict], docs_dir: Path) -> None:
+    """The pyramid against its branches alone on segmentation: docs/perception_tasks_comparison.{md,png}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    descriptions = {"piip": "PIIP: both branches + interactions", "large-low": "large branch alone (64 wide, 32 px)",
+                    "small-high": "small branch alone (32 wide, 64 px)"}  # fmt: skip
+    lines = [
+        "| backbone | backbone GFLOPs | task-model GFLOPs | backbone params (M) | mIoU | pixel acc. | final train loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        cost, trained = result["cost"], result["trained"]
+        lines.append(
+            f"| {descriptions[result['backbone_variant']]} | {cost['backbone_gflops']:.4f} | {cost['gflops']:.4f} "
+            f"| {cost['backbone_parameters'] / 1e6:.3f} | {100 * trained['mean_iou']:.1f} "
+            f"| {100 * trained['pixel_accuracy']:.1f} | {result['loss_curve'][-1]['loss']:.3f} |"
+        )
+    atomic_write_text(docs_dir / "perception_tasks_comparison.md", "\n".join(lines) + "\n")
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for result in results:
+        axis.scatter(result["cost"]["gflops"], 100 * result["trained"]["mean_iou"])
+        axis.annotate(result["backbone_variant"], (result["cost"]["gflops"], 100 * result["trained"]["mean_iou"]))
+    axis.set_xlabel("task-model GFLOPs (one 64 px image)")
+    axis.set_ylabel("held-out mIoU (%)")
+    axis.set_title("UperNet on the synthetic shapes")
+    figure.tight_layout()
+    figure.savefig(docs_dir / "perception_tasks_comparison.png", dpi=100)
+    plt.close(figure)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=[*TASKS, "both"], default="both")
@@ -263,15 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         finished = [run_task(task, args) for task in tasks]
         if not all(finished):  # a worker process of a distributed launch: the main process evaluates and reports
             return 0
-    results = {}
-    for task in TASKS:
-        path = Path(args.work_dir) / task / "results.json"
-        if path.is_file():
-            results[task] = json.loads(path.read_text(encoding="utf-8"))
-    if set(results) == set(TASKS):
-        write_report(results, Path(args.docs_dir))
+    results = load_results(Path(args.work_dir))
+    if set(TASKS) <= set(results):
+        write_report({task: results[task] for task in TASKS}, Path(args.docs_dir))
     else:
         logger.info("docs not written: results for %s are missing", sorted(set(TASKS) - set(results)))
+    variants = [run_name("segmentation", variant) for variant in BACKBONES]
+    if set(variants) <= set(results):
+        write_comparison([results[name] for name in variants], Path(args.docs_dir))
     return 0
 
 

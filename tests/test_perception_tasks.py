@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import (
     AutoModelForObjectDetection,
@@ -30,6 +31,7 @@ from piip_llava.perception_tasks import (
     segmentation_image_processor,
     segmenter_from_backbone,
 )
+from piip_llava.perception_tasks.baselines import PIIPSingleBranchBackbone, single_branch_config
 from piip_llava.perception_tasks.cost import format_task_cost, task_model_cost
 from piip_llava.perception_tasks.metrics import coco_box_map, confusion_matrix, mean_iou
 from piip_llava.perception_tasks.models import ade20k_segmentation_config, stage_strides
@@ -266,3 +268,38 @@ def test_coco_map_is_one_for_the_ground_truth_and_drops_for_a_shifted_box():
     shifted = [dict(item, bbox=[item["bbox"][0] + item["bbox"][2], *item["bbox"][1:]]) for item in perfect]
     assert coco_box_map(ground_truth, shifted)["map"] == pytest.approx(0.0)
     assert coco_box_map(ground_truth, [])["map"] == 0.0
+
+
+# ----- single-branch baselines ------------------------------------------------------------------------------
+@pytest.mark.parametrize("branch_index", [0, 1])
+def test_a_single_branch_computes_what_that_branch_computes_inside_a_pyramid_without_interactions(branch_index):
+    """Zero gates (the initial state) make the interactions the identity, so the pyramid's branch must then
+    equal the branch run alone on the image the pyramid gives it."""
+    torch.manual_seed(0)
+    pyramid = PIIPBackbone(tester.backbone_config()).eval()
+    single = PIIPSingleBranchBackbone(single_branch_config(tester.backbone_config(), branch_index)).eval()
+    single.vit.load_state_dict(pyramid.piip.branches[branch_index].state_dict())
+    pixel_values = tester.pixel_values()
+    with torch.no_grad():
+        expected = pyramid.piip(pixel_values).feature_maps[branch_index]
+        state = single.vit.embed(F.interpolate(pixel_values, scale_factor=0.5, mode="bilinear")
+                                 if branch_index == 0 else pixel_values, branch_index + 1)  # fmt: skip
+        actual = single.vit.run_blocks(state, 0, 1).feature_map()
+        maps = single(pixel_values).feature_maps
+    torch.testing.assert_close(actual, expected)
+    grid = tester.backbone_config().branches[branch_index]["image_size"] // 8
+    assert [tuple(feature_map.shape[-2:]) for feature_map in maps] == [(4 * grid,) * 2, (2 * grid,) * 2, (grid,) * 2,
+                                                                      (grid // 2,) * 2]  # fmt: skip
+
+
+def test_single_branch_segmenter_trains_and_counts_less_than_the_pyramid():
+    backbone = single_branch_config(tester.backbone_config(), 0)
+    model = UperNetForSemanticSegmentation(segmentation_config(backbone, SEGMENTATION_ID2LABEL, hidden_size=32,
+                                                               auxiliary_channels=16, pool_scales=[1, 2]))  # fmt: skip
+    assert isinstance(model.backbone, PIIPSingleBranchBackbone)
+    loss = model(pixel_values=tester.pixel_values(), labels=tester.segmentation_labels()).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.backbone.vit.patch_embedding.weight.grad.abs().sum() > 0
+    assert task_model_cost(model.config)["backbone_macs"] < task_model_cost(tester.segmenter().config)["backbone_macs"]
+    with pytest.raises(ValueError, match="branch_index 2 is not a branch index"):
+        single_branch_config(tester.backbone_config(), 2)
