@@ -14,7 +14,9 @@ from PIL import Image
 from transformers import (
     AutoModelForObjectDetection,
     AutoModelForSemanticSegmentation,
+    ResNetConfig,
     RTDetrForObjectDetection,
+    UperNetConfig,
     UperNetForSemanticSegmentation,
     pipeline,
 )
@@ -244,6 +246,12 @@ def test_flops_command_reports_the_backbones_share_of_a_saved_task_model(tmp_pat
     table = format_task_cost(expected, title="detector").splitlines()
     assert table[3].split()[:4] == ["backbone", f"{expected['backbone_parameters'] / 1e6:.2f}",
                                     f"{expected['backbone_gflops']:.3f}", f"{100 * expected['backbone_macs_share']:.1f}%"]
+
+
+def test_flops_command_refuses_a_task_model_without_a_piip_backbone(tmp_path, capsys):
+    UperNetConfig(backbone_config=ResNetConfig(out_features=["stage1", "stage2"])).save_pretrained(tmp_path)
+    assert main(["flops", str(tmp_path)]) == 2
+    assert "ResNetConfig backbone, not a PIIP one" in capsys.readouterr().err
 
 
 # ----- metrics ----------------------------------------------------------------------------------------------

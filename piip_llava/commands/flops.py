@@ -60,9 +60,14 @@ def run_task_model_flops(config_path, args) -> int:
     """Parameters and GFLOPs of a task model with a PIIP backbone, and the backbone's share of them."""
     import piip_llava  # noqa: F401  (registers the PIIP backbone config for AutoConfig)
 
+    from ..models.piip import PIIPPerceptionConfig
     from ..perception_tasks.cost import format_task_cost, load_task_config, task_model_cost
 
-    cost = task_model_cost(load_task_config(config_path))
+    config = load_task_config(config_path)
+    if not isinstance(config.backbone_config, PIIPPerceptionConfig):
+        print(f"error: {config_path} has a {type(config.backbone_config).__name__} backbone, not a PIIP one.", file=sys.stderr)
+        return 2
+    cost = task_model_cost(config)
     if args.json:
         print(json.dumps({"config": str(config_path), **cost}, indent=2))
     else:
