@@ -183,8 +183,15 @@ def run_task(task: str, args) -> dict:
 
 def headline(task: str, scores: dict) -> str:
     if task == "segmentation":
-        return f"mIoU {100 * scores['mean_iou']:.1f}, pixel acc. {100 * scores['pixel_accuracy']:.1f}"
-    return f"mAP {100 * scores['map']:.1f}, AP50 {100 * scores['map_50']:.1f}, AP75 {100 * scores['map_75']:.1f}"
+        return (
+            f"mIoU {100 * scores['mean_iou']:.1f}, pixel acc. {100 * scores['pixel_accuracy']:.1f}, "
+            f"foreground IoU {100 * scores['foreground_iou']:.1f}"
+        )
+    agnostic = scores["class_agnostic"]
+    return (
+        f"mAP {100 * scores['map']:.1f}, AP50 {100 * scores['map_50']:.1f}; class-agnostic mAP "
+        f"{100 * agnostic['map']:.1f}, AP50 {100 * agnostic['map_50']:.1f}"
+    )
 
 
 def write_report(results: dict[str, dict], docs_dir: Path) -> None:
@@ -227,6 +234,27 @@ def write_report(results: dict[str, dict], docs_dir: Path) -> None:
     plt.close(figure)
 
 
+def rescore(results_path: Path, args) -> None:
+    """Score a finished run again with the current metrics: its saved model, and the same freshly initialised
+    one (same seed, same construction) for the untrained figures."""
+    from transformers import AutoModelForObjectDetection, AutoModelForSemanticSegmentation
+
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    task = results["task"]
+    variant = results.setdefault("backbone_variant", "piip")  # runs from before `--backbone` are the pyramid
+    settings = results["settings"]
+    set_seed(settings["seed"])
+    eval_examples = generate_examples(settings["num_eval_images"], "eval", seed=settings["seed"],
+                                      image_size=settings["image_size"], first_id=settings["num_train_images"])  # fmt: skip
+    untrained_model, image_processor = build_task_model(task, backbone_config_for(variant, settings["image_size"]))
+    auto_class = AutoModelForSemanticSegmentation if task == "segmentation" else AutoModelForObjectDetection
+    trained_model = auto_class.from_pretrained(results_path.parent / "model")
+    results["untrained"] = evaluate(task, untrained_model, eval_examples, image_processor)
+    results["trained"] = evaluate(task, trained_model, eval_examples, image_processor)
+    logger.info("%s rescored: %s", results_path.parent.name, headline(task, results["trained"]))
+    atomic_write_text(results_path, json.dumps(results, indent=2))
+
+
 def load_results(work_dir: Path) -> dict[str, dict]:
     """Every finished run's results, by run name (`segmentation`, `segmentation-large-low`, ...)."""
     return {
@@ -244,15 +272,19 @@ def write_comparison(results: list[dict], docs_dir: Path) -> None:
     descriptions = {"piip": "PIIP: both branches + interactions", "large-low": "large branch alone (64 wide, 32 px)",
                     "small-high": "small branch alone (32 wide, 64 px)"}  # fmt: skip
     lines = [
-        "| backbone | backbone GFLOPs | task-model GFLOPs | backbone params (M) | mIoU | pixel acc. | final train loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        (
+            "| backbone | backbone GFLOPs | task-model GFLOPs | backbone params (M) | mIoU | pixel acc. "
+            "| foreground IoU | final train loss |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         cost, trained = result["cost"], result["trained"]
         lines.append(
             f"| {descriptions[result['backbone_variant']]} | {cost['backbone_gflops']:.4f} | {cost['gflops']:.4f} "
             f"| {cost['backbone_parameters'] / 1e6:.3f} | {100 * trained['mean_iou']:.1f} "
-            f"| {100 * trained['pixel_accuracy']:.1f} | {result['loss_curve'][-1]['loss']:.3f} |"
+            f"| {100 * trained['pixel_accuracy']:.1f} | {100 * trained['foreground_iou']:.1f} "
+            f"| {result['loss_curve'][-1]['loss']:.3f} |"
         )
     atomic_write_text(docs_dir / "perception_tasks_comparison.md", "\n".join(lines) + "\n")
     figure, axis = plt.subplots(figsize=(5, 3.5))
@@ -286,6 +318,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deepspeed", help="a DeepSpeed config (e.g. scripts/zero2.json), for a `deepspeed` launch")
     parser.add_argument("--export-data", action="store_true", help="also write the splits as COCO files and datasets")
     parser.add_argument("--report-only", action="store_true", help="write the docs from existing results")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score every finished run again with the current metrics, then write the docs")
     args = parser.parse_args(argv)
     args.max_steps = {"segmentation": args.segmentation_steps, "detection": args.detection_steps}
     args.learning_rate = {"segmentation": args.segmentation_lr, "detection": args.detection_lr}
@@ -299,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_data:
         export_shapes_dataset(Path(args.work_dir) / "data", seed=args.seed, num_train_images=args.num_train_images,
                               num_eval_images=args.num_eval_images, image_size=args.image_size)  # fmt: skip
-    if not args.report_only:
+    if args.rescore:
+        for results_path in sorted(Path(args.work_dir).glob("*/results.json")):
+            rescore(results_path, args)
+    elif not args.report_only:
         finished = [run_task(task, args) for task in tasks]
         if not all(finished):  # a worker process of a distributed launch: the main process evaluates and reports
             return 0

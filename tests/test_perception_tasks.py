@@ -35,7 +35,7 @@ from piip_llava.perception_tasks import (
 )
 from piip_llava.perception_tasks.baselines import PIIPSingleBranchBackbone, single_branch_config
 from piip_llava.perception_tasks.cost import format_task_cost, task_model_cost
-from piip_llava.perception_tasks.metrics import coco_box_map, confusion_matrix, mean_iou
+from piip_llava.perception_tasks.metrics import coco_box_map, confusion_matrix, foreground_iou, mean_iou
 from piip_llava.perception_tasks.models import ade20k_segmentation_config, stage_strides
 from piip_llava.synthetic.detection import CATEGORY_NAMES, SEGMENTATION_LABELS, coco_annotations, generate_examples
 
@@ -263,6 +263,8 @@ def test_mean_iou_over_classes_present():
     assert scores["per_class_iou"] == [0.75, 0.6, 0.0, None]
     assert scores["mean_iou"] == pytest.approx((0.75 + 0.6 + 0.0) / 3)
     assert scores["pixel_accuracy"] == pytest.approx(6 / 8)
+    # foreground (classes 1..3 as one): reference 4 pixels, predicted 5, both 4
+    assert foreground_iou(confusion_matrix(predictions, references, num_labels=4)) == pytest.approx(4 / 5)
 
 
 def test_coco_map_is_one_for_the_ground_truth_and_drops_for_a_shifted_box():
@@ -275,6 +277,9 @@ def test_coco_map_is_one_for_the_ground_truth_and_drops_for_a_shifted_box():
     assert coco_box_map(ground_truth, perfect)["map"] == pytest.approx(1.0)
     shifted = [dict(item, bbox=[item["bbox"][0] + item["bbox"][2], *item["bbox"][1:]]) for item in perfect]
     assert coco_box_map(ground_truth, shifted)["map"] == pytest.approx(0.0)
+    relabelled = [dict(item, category_id=(item["category_id"] + 1) % len(CATEGORY_NAMES)) for item in perfect]
+    assert coco_box_map(ground_truth, relabelled)["map"] == pytest.approx(0.0)
+    assert coco_box_map(ground_truth, relabelled, class_agnostic=True)["map"] == pytest.approx(1.0)
     assert coco_box_map(ground_truth, [])["map"] == 0.0
 
 

@@ -31,9 +31,20 @@ def mean_iou(confusion: np.ndarray) -> dict:
     }
 
 
-def coco_box_map(ground_truth: dict, detections: list[dict]) -> dict:
+def foreground_iou(confusion: np.ndarray) -> float:
+    """IoU of "any object class" (every class but 0, the background) against the background: whether the
+    objects are found at all, whichever class they are given."""
+    reference_foreground = confusion[1:].sum()
+    predicted_foreground = confusion[:, 1:].sum()
+    both = confusion[1:, 1:].sum()
+    union = reference_foreground + predicted_foreground - both
+    return float(both / union) if union else float("nan")
+
+
+def coco_box_map(ground_truth: dict, detections: list[dict], class_agnostic: bool = False) -> dict:
     """COCO box AP / AR of `detections` (`image_id`, `category_id`, `bbox` xywh, `score`) against a COCO
-    annotation dict, by pycocotools' COCOeval: `map` (AP@[.5:.95]), `map_50`, `map_75`, `map_small`..."""
+    annotation dict, by pycocotools' COCOeval: `map` (AP@[.5:.95]), `map_50`, `map_75`, `map_small`...
+    `class_agnostic` sets COCOeval's `useCats = 0`: boxes match whatever their class."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -46,10 +57,11 @@ def coco_box_map(ground_truth: dict, detections: list[dict]) -> dict:
         coco.createIndex()
         results = coco.loadRes(copy.deepcopy(detections))
         evaluation = COCOeval(coco, results, iouType="bbox")
+        evaluation.params.useCats = 0 if class_agnostic else 1
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
     return {name: float(value) for name, value in zip(names, evaluation.stats)}
 
 
-__all__ = ["coco_box_map", "confusion_matrix", "mean_iou"]
+__all__ = ["coco_box_map", "confusion_matrix", "foreground_iou", "mean_iou"]

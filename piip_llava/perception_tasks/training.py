@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..synthetic.detection import SEGMENTATION_LABELS, ShapesExample, coco_annotations, to_hf_dataset
-from .metrics import coco_box_map, confusion_matrix, mean_iou
+from .metrics import coco_box_map, confusion_matrix, foreground_iou, mean_iou
 
 
 def segmentation_transform(image_processor) -> Callable[[dict], dict]:
@@ -105,7 +105,8 @@ def train_task_model(
 
 @torch.no_grad()
 def evaluate_segmenter(model, examples: list[ShapesExample], image_processor, batch_size: int = 16) -> dict:
-    """mIoU, per-class IoU and pixel accuracy on the examples' full-resolution semantic maps."""
+    """mIoU, per-class IoU and pixel accuracy on the examples' full-resolution semantic maps, and the
+    foreground IoU (all shape classes as one against the background)."""
     model.eval()
     num_labels = model.config.num_labels
     confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
@@ -118,6 +119,7 @@ def evaluate_segmenter(model, examples: list[ShapesExample], image_processor, ba
         for prediction, example in zip(predictions, batch):
             confusion += confusion_matrix(prediction.numpy(), example.semantic_map, num_labels)
     scores = mean_iou(confusion)
+    scores["foreground_iou"] = foreground_iou(confusion)
     scores["per_class_iou"] = dict(zip(SEGMENTATION_LABELS, scores["per_class_iou"]))
     return scores
 
@@ -151,9 +153,13 @@ def predict_detections(
 
 
 def evaluate_detector(model, examples: list[ShapesExample], image_processor, batch_size: int = 16) -> dict:
-    """COCO box mAP (pycocotools) of the model's detections on the examples."""
+    """COCO box mAP (pycocotools) of the model's detections on the examples, and the class-agnostic one
+    (under `class_agnostic`: boxes matched whatever their class)."""
     detections = predict_detections(model, examples, image_processor, batch_size=batch_size)
-    return coco_box_map(coco_annotations(examples), detections)
+    ground_truth = coco_annotations(examples)
+    scores = coco_box_map(ground_truth, detections)
+    scores["class_agnostic"] = coco_box_map(ground_truth, detections, class_agnostic=True)
+    return scores
 
 
 __all__ = [
