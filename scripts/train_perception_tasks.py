@@ -6,20 +6,22 @@ word or number as a distractor); a training split and a held-out split drawn fro
 written in COCO format and as `datasets` datasets under `--work-dir/data`.
 Models: transformers' `UperNetForSemanticSegmentation` and `RTDetrForObjectDetection` with a
 two-branch PIIP backbone (a 64-wide DeiT branch at 32 px and a 32-wide one at 64 px, patch 8,
-two layers and two interactions each), trained with `Trainer` (AdamW, linear warm-up and decay).
+two layers and two interactions each), trained with `Trainer` (AdamW, linear warm-up, cosine decay).
 Each task model is scored on the held-out split before training (its freshly initialised head:
-the chance level) and after: mIoU (and pixel accuracy) for segmentation, COCO box mAP by
-pycocotools' COCOeval for detection. Results go to `--work-dir/<task>/results.json` and, with
+the chance level) and after: mIoU, pixel accuracy and foreground IoU for segmentation, COCO box mAP
+(and class-agnostic mAP) by pycocotools' COCOeval for detection. Results go to `--work-dir/<task>/results.json` and, with
 every task done, to docs/perception_tasks_results.{json,md} and docs/perception_tasks_loss.png.
 
 Launched with `deepspeed --num_gpus N scripts/train_perception_tasks.py ... --deepspeed scripts/zero2.json`
 (or `accelerate launch`), it trains data-parallel; the main process evaluates and writes.
-It resumes from the newest Trainer checkpoint in `--work-dir/<task>/trainer`. About 15 minutes per
-task on 2 CPU cores with the defaults (the figures in docs/perception_tasks.md are from them):
+It resumes from the newest Trainer checkpoint in `--work-dir/<task>/trainer`. With the defaults each
+task took 3.6 minutes of CPU time on one thread (21 minutes of wall time, with four such runs and
+other people's jobs sharing the 2 cores); docs/perception_tasks.md has the figures:
 
-    nohup python scripts/train_perception_tasks.py --task segmentation > outputs/seg.log 2>&1 &
-    nohup python scripts/train_perception_tasks.py --task detection > outputs/det.log 2>&1 &
-    python scripts/train_perception_tasks.py --report-only    # the docs table and plot from both results
+    OMP_NUM_THREADS=1 nohup python scripts/train_perception_tasks.py --task segmentation > outputs/seg.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup python scripts/train_perception_tasks.py --task detection > outputs/det.log 2>&1 &
+    python scripts/train_perception_tasks.py --report-only    # the docs tables and plots from the results
+    python scripts/train_perception_tasks.py --task detection --backbone large-low   # a branch alone
 """
 
 from __future__ import annotations
@@ -262,8 +264,8 @@ def load_results(work_dir: Path) -> dict[str, dict]:
     }
 
 
-def write_comparison(results: list[dict], docs_dir: Path) -> None:
-    """The pyramid against its branches alone on segmentation: docs/perception_tasks_comparison.{md,png}."""
+def write_comparison(task: str, results: list[dict], docs_dir: Path) -> None:
+    """The pyramid against its branches alone: docs/perception_tasks_comparison_<task>.{md,png}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,30 +274,28 @@ def write_comparison(results: list[dict], docs_dir: Path) -> None:
     descriptions = {"piip": "PIIP: both branches + interactions", "large-low": "large branch alone (64 wide, 32 px)",
                     "small-high": "small branch alone (32 wide, 64 px)"}  # fmt: skip
     lines = [
-        (
-            "| backbone | backbone GFLOPs | task-model GFLOPs | backbone params (M) | mIoU | pixel acc. "
-            "| foreground IoU | final train loss |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| backbone | backbone GFLOPs | task-model GFLOPs | backbone params (M) | held-out scores | final train loss |",
+        "|---|---:|---:|---:|---|---:|",
     ]
     for result in results:
-        cost, trained = result["cost"], result["trained"]
+        cost = result["cost"]
         lines.append(
             f"| {descriptions[result['backbone_variant']]} | {cost['backbone_gflops']:.4f} | {cost['gflops']:.4f} "
-            f"| {cost['backbone_parameters'] / 1e6:.3f} | {100 * trained['mean_iou']:.1f} "
-            f"| {100 * trained['pixel_accuracy']:.1f} | {100 * trained['foreground_iou']:.1f} "
+            f"| {cost['backbone_parameters'] / 1e6:.3f} | {headline(task, result['trained'])} "
             f"| {result['loss_curve'][-1]['loss']:.3f} |"
         )
-    atomic_write_text(docs_dir / "perception_tasks_comparison.md", "\n".join(lines) + "\n")
+    atomic_write_text(docs_dir / f"perception_tasks_comparison_{task}.md", "\n".join(lines) + "\n")
+    metric, label = ("mean_iou", "held-out mIoU (%)") if task == "segmentation" else ("map", "held-out COCO mAP (%)")
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for result in results:
-        axis.scatter(result["cost"]["gflops"], 100 * result["trained"]["mean_iou"])
-        axis.annotate(result["backbone_variant"], (result["cost"]["gflops"], 100 * result["trained"]["mean_iou"]))
-    axis.set_xlabel("task-model GFLOPs (one 64 px image)")
-    axis.set_ylabel("held-out mIoU (%)")
-    axis.set_title("UperNet on the synthetic shapes")
+        point = (result["cost"]["backbone_gflops"], 100 * result["trained"][metric])
+        axis.scatter(*point)
+        axis.annotate(result["backbone_variant"], point)
+    axis.set_xlabel("backbone GFLOPs (one 64 px image)")
+    axis.set_ylabel(label)
+    axis.set_title(f"{results[0]['model']} on the synthetic shapes")
     figure.tight_layout()
-    figure.savefig(docs_dir / "perception_tasks_comparison.png", dpi=100)
+    figure.savefig(docs_dir / f"perception_tasks_comparison_{task}.png", dpi=100)
     plt.close(figure)
 
 
@@ -345,9 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         write_report({task: results[task] for task in TASKS}, Path(args.docs_dir))
     else:
         logger.info("docs not written: results for %s are missing", sorted(set(TASKS) - set(results)))
-    variants = [run_name("segmentation", variant) for variant in BACKBONES]
-    if set(variants) <= set(results):
-        write_comparison([results[name] for name in variants], Path(args.docs_dir))
+    for task in TASKS:
+        variants = [run_name(task, variant) for variant in BACKBONES]
+        if set(variants) <= set(results):
+            write_comparison(task, [results[name] for name in variants], Path(args.docs_dir))
     return 0
 
 

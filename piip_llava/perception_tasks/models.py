@@ -35,9 +35,12 @@ ADE20K_NUM_LABELS = 150
 
 
 def stage_strides(config: PIIPPerceptionConfig) -> list[int]:
-    """The stride, in input pixels, of each stage in `config.out_features`."""
-    last_branch = config.branch_configs[-1]
-    merged_grid = last_branch.image_size // last_branch.patch_size
+    """The stride, in input pixels, of each stage in `config.out_features` (the stages scale the merged
+    map, on the last branch's grid; a single-branch baseline's is its own branch's)."""
+    from .baselines import PIIPSingleBranchConfig
+
+    grid_branch = config.branch if isinstance(config, PIIPSingleBranchConfig) else config.branch_configs[-1]
+    merged_grid = grid_branch.image_size // grid_branch.patch_size
     merged_stride = config.image_size / merged_grid
     strides = [merged_stride * STAGE_SCALES[name] for name in config.out_features]
     if any(stride != int(stride) for stride in strides):
