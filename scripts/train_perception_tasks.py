@@ -14,9 +14,10 @@ every task done, to docs/perception_tasks_results.{json,md} and docs/perception_
 
 Launched with `deepspeed --num_gpus N scripts/train_perception_tasks.py ... --deepspeed scripts/zero2.json`
 (or `accelerate launch`), it trains data-parallel; the main process evaluates and writes.
-It resumes from the newest Trainer checkpoint in `--work-dir/<task>/trainer`. With the defaults each
-task took 3.6 minutes of CPU time on one thread (21 minutes of wall time, with four such runs and
-other people's jobs sharing the 2 cores); docs/perception_tasks.md has the figures:
+It resumes from the newest Trainer checkpoint in `--work-dir/<task>/trainer`. With the defaults the
+segmenter took 6.8 minutes of CPU time on one thread (9.9 of wall time) and the detector 3.6 (20.7
+of wall time: other runs and other people's jobs shared the 2 cores); docs/perception_tasks.md has
+the figures:
 
     OMP_NUM_THREADS=1 nohup python scripts/train_perception_tasks.py --task segmentation > outputs/seg.log 2>&1 &
     OMP_NUM_THREADS=1 nohup python scripts/train_perception_tasks.py --task detection > outputs/det.log 2>&1 &
@@ -310,9 +311,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-train-images", type=int, default=4000)
     parser.add_argument("--num-eval-images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--segmentation-steps", type=int, default=1500)
+    parser.add_argument("--segmentation-steps", type=int, default=3000)
     parser.add_argument("--detection-steps", type=int, default=1000)
-    parser.add_argument("--segmentation-lr", type=float, default=1e-3)
+    parser.add_argument("--segmentation-lr", type=float, default=3e-3)
     parser.add_argument("--detection-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deepspeed", help="a DeepSpeed config (e.g. scripts/zero2.json), for a `deepspeed` launch")
