@@ -294,7 +294,7 @@ def write_comparison(task: str, results: list[dict], docs_dir: Path) -> None:
         axis.annotate(result["backbone_variant"], point)
     axis.set_xlabel("backbone GFLOPs (one 64 px image)")
     axis.set_ylabel(label)
-    axis.set_title(f"{results[0]['model']} on the synthetic shapes")
+    axis.set_title(f"{results[0]['model'].removesuffix('ForSemanticSegmentation').removesuffix('ForObjectDetection')}, synthetic shapes")
     figure.tight_layout()
     figure.savefig(docs_dir / f"perception_tasks_comparison_{task}.png", dpi=100)
     plt.close(figure)
