@@ -37,7 +37,11 @@ setup(
     extras_require={
         "train": ["deepspeed>=0.16"],
         # setuptools 70.1+ builds wheels itself: tests/package builds one without build isolation.
-        "dev": ["deepspeed>=0.16", "pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "setuptools>=70.1"],
+        "dev": ["deepspeed>=0.16", "pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "setuptools>=70.1",
+                "pycocotools>=2.0.7", "scipy>=1.10"],
+        # Detection / segmentation task models: COCO-style mAP (pycocotools) and the DETR family's Hungarian
+        # matching (scipy).
+        "perception": ["pycocotools>=2.0.7", "scipy>=1.10"],
         "experiments": ["matplotlib>=3.7"],
         "gpu": ["flash-attn>=2.6"],
         # lmms-eval 0.7's evaluator patches filelock._api, which filelock 4 removed. On a CPU-only machine install

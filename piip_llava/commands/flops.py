@@ -19,7 +19,8 @@ def add_parser(subparsers) -> None:
         "config",
         metavar="CONFIG",
         help="a PIIP vision config JSON, a model folder, or the name of a bundled config "
-        "(e.g. piip_vision_clip-bl_512-256)",
+        "(e.g. piip_vision_clip-bl_512-256); for a UperNet or RT-DETR folder (or config) with a PIIP backbone, "
+        "the backbone's share of the task model's cost",
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     parser.set_defaults(handler=run_flops)
@@ -31,6 +32,8 @@ def run_flops(args) -> int:
 
     try:
         config_path = resolve_config_path(args.config)
+        if is_task_model_config(config_path):
+            return run_task_model_flops(config_path, args)
         config = load_vision_config(config_path)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -40,4 +43,33 @@ def run_flops(args) -> int:
         print(json.dumps({"config": str(config_path), **cost.to_dict()}, indent=2))
     else:
         print(format_cost_table(cost, title=f"{config_path.stem} ({config_path})"))
+    return 0
+
+
+def is_task_model_config(config_path) -> bool:
+    """Whether the JSON is a UperNet / RT-DETR config (whose backbone may be a PIIP one)."""
+    from ..perception_tasks.cost import TASK_MODEL_TYPES
+
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8")).get("model_type") in TASK_MODEL_TYPES
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+
+
+def run_task_model_flops(config_path, args) -> int:
+    """Parameters and GFLOPs of a task model with a PIIP backbone, and the backbone's share of them."""
+    import piip_llava  # noqa: F401  (registers the PIIP backbone config for AutoConfig)
+
+    from ..models.piip import PIIPPerceptionConfig
+    from ..perception_tasks.cost import format_task_cost, load_task_config, task_model_cost
+
+    config = load_task_config(config_path)
+    if not isinstance(config.backbone_config, PIIPPerceptionConfig):
+        print(f"error: {config_path} has a {type(config.backbone_config).__name__} backbone, not a PIIP one.", file=sys.stderr)
+        return 2
+    cost = task_model_cost(config)
+    if args.json:
+        print(json.dumps({"config": str(config_path), **cost}, indent=2))
+    else:
+        print(format_task_cost(cost, title=f"{config_path.parent.name} ({config_path})"))
     return 0
