@@ -5,24 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launchers import DEEPSPEED, free_port
 
 REPO = Path(__file__).resolve().parents[2]
-DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-
-pytestmark = pytest.mark.skipif(not Path(DEEPSPEED).exists(), reason="the deepspeed launcher is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_segmenter_trains_on_two_deepspeed_cpu_processes(tmp_path):

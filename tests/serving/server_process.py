@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from launchers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("PIIP_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
@@ -28,12 +29,6 @@ VLLM_ENVIRONMENT = {
 # The engine's settings for the bundled model on a CPU (eager: no torch.compile at start-up; on the CPU build the
 # "GPU" memory share is the host memory reserved for the KV cache, whose default 0.92 a shared machine refuses).
 VLLM_ENGINE_OPTIONS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.05}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def log_tail(log_path: Path) -> str:

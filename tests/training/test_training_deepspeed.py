@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launchers import DEEPSPEED, free_port
 from training_fixtures import write_llava_dataset, write_tiny_llm, write_vision_config
 
 from piip_llava import PIIPLlavaForConditionalGeneration
@@ -24,15 +22,6 @@ from piip_llava.training.assembly import assemble_piip_llava, load_vision_encode
 from piip_llava.training.trainer import load_processor
 
 REPO = Path(__file__).resolve().parents[2]
-DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-
-pytestmark = pytest.mark.skipif(not Path(DEEPSPEED).exists(), reason="the deepspeed launcher is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch(arguments: list[str], log: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launchers import free_port
 from training_fixtures import write_llava_dataset, write_tiny_llm, write_vision_config
 
 from piip_llava.training.assembly import assemble_piip_llava, load_vision_encoder, save_initial_model
@@ -25,12 +25,6 @@ TESTS = Path(__file__).resolve().parent
 SAMPLES, PER_DEVICE_BATCH, PROCESSES = 16, 2, 2
 STEPS_PER_EPOCH = SAMPLES // (PER_DEVICE_BATCH * PROCESSES)  # 4 steps; 3 epochs in all
 STOP_STEP = STEPS_PER_EPOCH + 2  # halfway through the second epoch
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
