@@ -18,7 +18,6 @@ from ..dtypes import DTYPES
 logger = logging.get_logger(__name__)
 
 
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",

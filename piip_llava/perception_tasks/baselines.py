@@ -86,11 +86,11 @@ AutoConfig.register(PIIPSingleBranchConfig.model_type, PIIPSingleBranchConfig)
 AutoBackbone.register(PIIPSingleBranchConfig, PIIPSingleBranchBackbone)
 
 
-
-
 def single_branch_config(config: PIIPPerceptionConfig, branch_index: int) -> PIIPSingleBranchConfig:
     """The same branches and outputs as `config`, with branch `branch_index` to run alone."""
     generated = ("model_type", "transformers_version", "stage_names")
     data = {key: value for key, value in config.to_dict().items() if key not in generated}
     return PIIPSingleBranchConfig(**data, branch_index=branch_index)
+
+
 __all__ = ["PIIPSingleBranchBackbone", "PIIPSingleBranchConfig", "single_branch_config"]

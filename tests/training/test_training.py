@@ -327,7 +327,6 @@ def test_bf16_mixed_precision_with_gradient_checkpointing_trains(workspace, tmp_
     assert changed == {PROJECTOR, VISION_BRANCHES, VISION_INTERACTIONS, LANGUAGE_MODEL}
 
 
-
 def test_the_train_command_tears_the_process_group_down_after_saving(workspace, tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
